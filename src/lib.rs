@@ -1,0 +1,26 @@
+//! cxone-offboard turns HR termination events into complete, rate-limited, audited
+//! de-provisioning of NICE CXone contact-center users.
+//!
+//! HR systems publish CloudEvents to RabbitMQ; the worker validates them, runs one saga per
+//! person against the CXone API, keeps its journal and evidence in S3 and publishes an outcome.
+//!
+//! # Layout
+//! - [`config`]: layered settings (TOML, `--config`, `OFFBOARD__SECTION__KEY`), validated at load.
+//! - [`telemetry`]: structured logs.
+//! - [`metrics`]: every Prometheus metric the process exports, in one place.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`event`]: the wire types of termination events, parsed into validated newtypes.
+//! - [`broker`]: RabbitMQ topology, the consumer, publishing and dead-lettering.
+//! - [`store`]: the S3 bucket.
+//! - [`worker`]: wires broker, handler and HTTP together and drains on shutdown.
+//! - [`cli`]: one module per command of the binary.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod http;
+pub mod metrics;
+pub mod store;
+pub mod telemetry;
+pub mod worker;
