@@ -24,3 +24,20 @@ pub mod metrics;
 pub mod store;
 pub mod telemetry;
 pub mod worker;
+
+/// This host's name, for consumer tags, connection names and manifests.
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".to_owned())
+}
+
+/// The version of this build, as written into outcomes and manifests.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,43 @@
+# cxone-offboard: `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Local services (scripts/services.sh) and the credentials the local S3 server accepts.
+export OFFBOARD__S3__ENDPOINT ?= http://127.0.0.1:9000
+export AWS_ACCESS_KEY_ID ?= test
+export AWS_SECRET_ACCESS_KEY ?= test
+export AWS_REGION ?= us-east-1
+CARGO ?= cargo
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+.PHONY: services
+services: ## Install if needed and start RabbitMQ and the local S3 server; create the bucket
+	@scripts/services.sh up
+
+.PHONY: services-down
+services-down: ## Stop the services this repository started
+	@scripts/services.sh down
+
+.PHONY: build
+build: ## Build the release binary
+	$(CARGO) build --release --locked
+
+.PHONY: test
+test: services ## Start the services, then run every test (unit + integration, real broker and S3)
+	$(CARGO) test --locked --all-targets
+
+.PHONY: lint
+lint: ## rustfmt check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+.PHONY: fmt
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+.PHONY: check
+check: services ## Run `cxone-offboard check` against the local services
+	$(CARGO) run --quiet -- check

@@ -1,0 +1,520 @@
+//! The work-queue consumer: one connection at a time, reconnecting with backoff; every delivery
+//! decoded and validated, invalid ones dead-lettered at once, valid ones handed to a [`Handler`]
+//! and acked only once the handler has settled them.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use rand::Rng;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use super::dead_letter::{self, DeadLetter, ErrorClass, Original};
+use super::headers;
+use super::publisher::Publisher;
+use super::topology::{self, TopologyConflict};
+use crate::config::Settings;
+use crate::event::{self, Event, Limits};
+use crate::http::Readiness;
+use crate::metrics::Metrics;
+
+/// A valid event with what the broker said about its delivery.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub event: Event,
+    pub exchange: String,
+    pub routing_key: String,
+    pub redelivered: bool,
+    pub properties: BasicProperties,
+    pub body: Arc<[u8]>,
+}
+
+impl Message {
+    /// Deliveries so far according to the quorum queue (absent on the first: 0).
+    pub fn delivery_count(&self) -> i64 {
+        headers::get_int(self.properties.headers().as_ref(), headers::DELIVERY_COUNT).unwrap_or(0)
+    }
+
+    /// How often an operator replayed this message from the dead-letter queue.
+    pub fn replay_count(&self) -> i64 {
+        headers::get_int(self.properties.headers().as_ref(), headers::REPLAY_COUNT).unwrap_or(0)
+    }
+
+    pub fn header(&self, key: &str) -> Option<String> {
+        headers::get_str(self.properties.headers().as_ref(), key)
+    }
+
+    pub fn original(&self) -> Original<'_> {
+        Original {
+            exchange: &self.exchange,
+            routing_key: &self.routing_key,
+            properties: &self.properties,
+            body: &self.body,
+        }
+    }
+}
+
+/// What the handler decided; the consumer carries it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// Done: everything the handler had to publish is confirmed. Ack.
+    Ack,
+    /// Publish a copy to the dead-letter exchange with these reasons, then ack.
+    DeadLetter(DeadLetter),
+    /// Give it back to the queue (counts as a delivery on a quorum queue).
+    Requeue,
+}
+
+/// What a handler gets besides the message.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// A confirm-mode channel on the current connection.
+    pub publisher: Publisher,
+    /// Cancelled when the connection is lost or the shutdown grace runs out: stop soon, the
+    /// message will be redelivered.
+    pub abort: CancellationToken,
+    /// Cancelled when shutdown begins: finish the current step, then park.
+    pub draining: CancellationToken,
+}
+
+/// Handles valid events. The saga implements it; tests plug in their own.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, message: Message, ctx: Context) -> impl Future<Output = Settle> + Send;
+}
+
+/// Pauses consumption while the value is `true` (e.g. the CXone circuit is open).
+pub type PauseSignal = watch::Receiver<bool>;
+
+/// How a consuming session ended.
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+    Paused,
+}
+
+pub struct Consumer<H> {
+    settings: Arc<Settings>,
+    handler: Arc<H>,
+    readiness: Arc<Readiness>,
+    metrics: Metrics,
+    tracker: TaskTracker,
+    pause: Option<PauseSignal>,
+}
+
+impl<H: Handler> Consumer<H> {
+    pub fn new(
+        settings: Arc<Settings>,
+        handler: Arc<H>,
+        readiness: Arc<Readiness>,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            settings,
+            handler,
+            readiness,
+            metrics,
+            tracker: TaskTracker::new(),
+            pause: None,
+        }
+    }
+
+    /// Stop taking deliveries while `pause` holds `true`; in-flight work continues.
+    pub fn with_pause(mut self, pause: PauseSignal) -> Self {
+        self.pause = Some(pause);
+        self
+    }
+
+    /// Consumes until `shutdown` is cancelled, then drains in-flight work for up to
+    /// `worker.shutdown_grace_secs`. Returns an error only for what reconnecting cannot fix.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let amqp = &self.settings.amqp;
+        let mut backoff = Backoff::new(
+            Duration::from_millis(amqp.reconnect_initial_ms),
+            Duration::from_millis(amqp.reconnect_max_ms),
+        );
+        let mut sessions = 0u64;
+        let mut pause = self.pause.clone();
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if let Some(p) = pause.as_mut()
+                && *p.borrow()
+            {
+                info!("consumption paused; waiting to resume");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = p.wait_for(|paused| !paused) => {}
+                }
+                info!("consumption resumes");
+            }
+            match self.session(&shutdown, sessions).await {
+                Ok(SessionEnd::Shutdown) => break,
+                Ok(SessionEnd::Paused) => {
+                    self.readiness.set_paused(true);
+                    continue;
+                }
+                Ok(SessionEnd::Lost(why)) => {
+                    // It had connected: start the backoff over.
+                    sessions += 1;
+                    backoff.reset();
+                    self.lost(&why);
+                }
+                Err(err) if err.downcast_ref::<TopologyConflict>().is_some() => {
+                    self.readiness.set_connected(false);
+                    self.metrics.broker_up(false);
+                    return Err(err);
+                }
+                Err(err) => {
+                    sessions += 1;
+                    self.lost(&format!("{err:#}"));
+                }
+            }
+            let wait = backoff.next_delay();
+            debug!(?wait, "reconnecting after backoff");
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        self.readiness.set_connected(false);
+        self.metrics.broker_up(false);
+        Ok(())
+    }
+
+    fn lost(&self, why: &str) {
+        self.readiness.set_connected(false);
+        self.metrics.broker_up(false);
+        warn!(error = %why, "broker connection lost; in-flight messages will be redelivered");
+    }
+
+    async fn session(
+        &self,
+        shutdown: &CancellationToken,
+        previous_sessions: u64,
+    ) -> anyhow::Result<SessionEnd> {
+        let amqp = &self.settings.amqp;
+        let connection = super::connect(amqp, "worker").await?;
+        // Declarations get their own channel: a refused one closes it.
+        let setup = connection.create_channel().await?;
+        topology::declare(&setup, amqp).await?;
+        let _ = setup.close(200, "declared".into()).await;
+
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(amqp.prefetch, BasicQosOptions::default())
+            .await?;
+        let publisher = Publisher::open(&connection).await?;
+        let tag = format!(
+            "cxone-offboard-{}-{}-{}",
+            crate::hostname(),
+            std::process::id(),
+            previous_sessions
+        );
+        let mut deliveries = channel
+            .basic_consume(
+                amqp.requests_queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let abort = CancellationToken::new();
+        self.readiness.set_connected(true);
+        self.readiness.set_paused(false);
+        self.metrics.broker_up(true);
+        if previous_sessions > 0 {
+            self.metrics.broker_reconnected();
+        }
+        info!(queue = %amqp.requests_queue, prefetch = amqp.prefetch, "consuming");
+
+        let mut pause = self.pause.clone();
+        let paused = async {
+            match pause.as_mut() {
+                Some(p) => {
+                    let _ = p.wait_for(|paused| *paused).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::pin!(paused);
+        let limits = Limits {
+            max_bytes: self.settings.worker.max_event_bytes,
+            default_lookback_days: self.settings.worker.archive_lookback_days,
+        };
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(
+            self.settings.worker.max_in_flight,
+        ));
+        let draining = CancellationToken::new();
+
+        let end = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break SessionEnd::Shutdown,
+                _ = &mut paused => break SessionEnd::Paused,
+                next = deliveries.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let permit = tokio::select! {
+                            p = in_flight.clone().acquire_owned() => p,
+                            _ = shutdown.cancelled() => {
+                                // Not started: give it straight back.
+                                let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                                break SessionEnd::Shutdown;
+                            }
+                        };
+                        let Ok(permit) = permit else { break SessionEnd::Lost("semaphore closed".into()) };
+                        self.metrics.message_received();
+                        let task = Task {
+                            handler: self.handler.clone(),
+                            metrics: self.metrics.clone(),
+                            ctx: Context {
+                                publisher: publisher.clone(),
+                                abort: abort.clone(),
+                                draining: draining.clone(),
+                            },
+                            dead_letter_exchange: amqp.dead_letter_exchange.clone(),
+                            limits,
+                        };
+                        self.tracker.spawn(async move {
+                            task.run(delivery).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(err)) => break SessionEnd::Lost(err.to_string()),
+                    None => break SessionEnd::Lost("the broker cancelled the consumer".into()),
+                },
+            }
+        };
+
+        match end {
+            SessionEnd::Shutdown | SessionEnd::Paused => {
+                let _ = channel
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await;
+                if matches!(end, SessionEnd::Paused) {
+                    // Deliveries already prefetched go back; in-flight ones finish.
+                    self.wait_in_flight(None, &abort).await;
+                    let _ = channel.close(200, "paused".into()).await;
+                    publisher.close().await;
+                    let _ = connection.close(200, "paused".into()).await;
+                    return Ok(SessionEnd::Paused);
+                }
+                self.readiness.set_draining();
+                draining.cancel();
+                let grace = self.settings.worker.shutdown_grace();
+                info!(
+                    in_flight = self.metrics.in_flight(),
+                    grace_secs = grace.as_secs(),
+                    "draining"
+                );
+                self.wait_in_flight(Some(grace), &abort).await;
+                // Anything not acked by now is returned to the queue by closing.
+                let _ = channel.close(200, "shutting down".into()).await;
+                publisher.close().await;
+                let _ = connection.close(200, "shutting down".into()).await;
+                Ok(SessionEnd::Shutdown)
+            }
+            SessionEnd::Lost(why) => {
+                // Stop handlers of this session: their acks cannot land any more.
+                abort.cancel();
+                let _ = connection.close(200, "reconnecting".into()).await;
+                Ok(SessionEnd::Lost(why))
+            }
+        }
+    }
+
+    /// Waits for in-flight handlers, up to `grace` when given; past it they are aborted and
+    /// their messages left unacked.
+    async fn wait_in_flight(&self, grace: Option<Duration>, abort: &CancellationToken) {
+        self.tracker.close();
+        match grace {
+            Some(grace) => {
+                if tokio::time::timeout(grace, self.tracker.wait())
+                    .await
+                    .is_err()
+                {
+                    warn!(
+                        in_flight = self.metrics.in_flight(),
+                        "shutdown grace ran out; unfinished messages return to the queue"
+                    );
+                    abort.cancel();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await;
+                }
+            }
+            None => self.tracker.wait().await,
+        }
+        self.tracker.reopen();
+    }
+}
+
+/// One delivery's life: decode, handle, settle.
+struct Task<H> {
+    handler: Arc<H>,
+    metrics: Metrics,
+    ctx: Context,
+    dead_letter_exchange: String,
+    limits: Limits,
+}
+
+impl<H: Handler> Task<H> {
+    async fn run(self, delivery: Delivery) {
+        self.metrics.handling_started();
+        let span = info_span!(
+            "message",
+            event_id = tracing::field::Empty,
+            external_id = tracing::field::Empty,
+            routing_key = %delivery.routing_key.as_str(),
+        );
+        self.run_inner(delivery).instrument(span).await;
+        self.metrics.handling_finished();
+    }
+
+    async fn run_inner(&self, delivery: Delivery) {
+        let content_type = delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|c| c.as_str().to_owned());
+        let parsed = event::check_content_type(content_type.as_deref())
+            .and_then(|()| event::parse(&delivery.data, self.limits));
+        let settle = match parsed {
+            Err(invalid) => {
+                self.metrics.message_invalid();
+                warn!(error = %invalid, "invalid event; dead-lettering");
+                Settle::DeadLetter(DeadLetter {
+                    class: ErrorClass::Invalid,
+                    message: format!("invalid event: {invalid}"),
+                    step: None,
+                    saga_id: None,
+                })
+            }
+            Ok(event) => {
+                let span = tracing::Span::current();
+                span.record("event_id", event.id.as_str());
+                span.record("external_id", event.employee().external_id.as_str());
+                let message = Message {
+                    event,
+                    exchange: delivery.exchange.as_str().to_owned(),
+                    routing_key: delivery.routing_key.as_str().to_owned(),
+                    redelivered: delivery.redelivered,
+                    properties: delivery.properties.clone(),
+                    body: Arc::from(delivery.data.as_slice()),
+                };
+                tokio::select! {
+                    settle = self.handler.handle(message, self.ctx.clone()) => settle,
+                    _ = self.ctx.abort.cancelled() => {
+                        debug!("handler aborted; the message stays unacked");
+                        return;
+                    }
+                }
+            }
+        };
+        self.settle(&delivery, settle).await;
+    }
+
+    async fn settle(&self, delivery: &Delivery, settle: Settle) {
+        match settle {
+            Settle::Ack => self.ack(delivery).await,
+            Settle::DeadLetter(why) => {
+                let original = Original {
+                    exchange: delivery.exchange.as_str(),
+                    routing_key: delivery.routing_key.as_str(),
+                    properties: &delivery.properties,
+                    body: &delivery.data,
+                };
+                match dead_letter::publish(
+                    &self.ctx.publisher,
+                    &self.dead_letter_exchange,
+                    &original,
+                    &why,
+                )
+                .await
+                {
+                    Ok(()) => {
+                        self.metrics.message_dead_lettered(why.class.as_str());
+                        self.ack(delivery).await;
+                    }
+                    Err(err) => {
+                        error!(error = %err, "dead-letter copy not confirmed; returning the message to the queue");
+                        self.requeue(delivery).await;
+                    }
+                }
+            }
+            Settle::Requeue => self.requeue(delivery).await,
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) {
+        match delivery.acker.ack(BasicAckOptions::default()).await {
+            Ok(_) => self.metrics.message_acked(),
+            Err(err) => warn!(error = %err, "ack failed; the broker will redeliver"),
+        }
+    }
+
+    async fn requeue(&self, delivery: &Delivery) {
+        self.metrics.message_requeued();
+        let options = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        if let Err(err) = delivery.acker.nack(options).await {
+            warn!(error = %err, "nack failed; the broker will redeliver");
+        }
+    }
+}
+
+/// Exponential backoff with full jitter, reset by a success.
+#[derive(Debug)]
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            attempt: 0,
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let exp = self
+            .initial
+            .saturating_mul(2u32.saturating_pow(self.attempt.min(20)));
+        let cap = exp.min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let millis = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX).max(1);
+        Duration::from_millis(rand::rng().random_range(millis / 2..=millis))
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let delays: Vec<_> = (0..8).map(|_| b.next_delay()).collect();
+        assert!(delays[0] <= Duration::from_millis(100));
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(1000)));
+        assert!(delays[7] >= Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,100 @@
+//! The command line: one module per command. `main.rs` only parses and calls [`run`].
+
+pub mod check;
+pub mod completions;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{ConfigError, Settings};
+
+/// Exit code for usage and configuration errors (CONTRACT §8).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code for runtime failures.
+pub const EXIT_FAILURE: u8 = 1;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cxone-offboard",
+    version,
+    about = "Turns HR termination events into rate-limited, audited de-provisioning of NICE CXone users",
+    long_about = None,
+    after_help = "Configuration: config/default.toml (compiled in), then --config PATH, then \
+                  OFFBOARD__SECTION__KEY environment variables (e.g. OFFBOARD__AMQP__URL).\n\
+                  Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error."
+)]
+pub struct Cli {
+    /// A TOML file whose keys override the defaults.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Verify configuration, broker, bucket and CXone access; print what fails.
+    #[command(
+        after_help = "Example:\n  OFFBOARD__S3__ENDPOINT=http://127.0.0.1:9000 cxone-offboard check"
+    )]
+    Check,
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  cxone-offboard completions bash > /etc/bash_completion.d/cxone-offboard"
+    )]
+    Completions(completions::Args),
+}
+
+/// A failure with the exit code it deserves.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        let code = if error.downcast_ref::<ConfigError>().is_some()
+            || error
+                .downcast_ref::<crate::broker::topology::TopologyConflict>()
+                .is_some()
+        {
+            EXIT_USAGE
+        } else {
+            EXIT_FAILURE
+        };
+        Self { code, error }
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(error: ConfigError) -> Self {
+        Self {
+            code: EXIT_USAGE,
+            error: error.into(),
+        }
+    }
+}
+
+/// Loads settings for commands that need them; a bad setting is exit 2.
+pub fn load_settings(cli: &Cli) -> Result<Settings, Failure> {
+    Ok(Settings::load(cli.config.as_deref())?)
+}
+
+/// Runs the parsed command line and maps the result to an exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match &cli.command {
+        Command::Check => check::run(&cli).await,
+        Command::Completions(args) => completions::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(failure) => {
+            eprintln!("error: {:#}", failure.error);
+            ExitCode::from(failure.code)
+        }
+    }
+}
