@@ -104,9 +104,26 @@ pub struct CxoneSettings {
     pub admin_api_version: String,
     pub block_login: BlockLogin,
     pub scim_base_url: Option<String>,
+    pub auth_flow: AuthFlow,
+    pub client_id: Option<String>,
+    pub client_secret: Option<SecretString>,
+    pub ca_bundle: Option<PathBuf>,
     pub request_timeout_secs: u64,
     pub connect_timeout_secs: u64,
+    pub max_attempts: u32,
+    pub max_retry_elapsed_secs: u64,
+    pub breaker_failure_threshold: u32,
+    pub breaker_open_secs: u64,
     pub rate_limit: RateLimitSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthFlow {
+    /// `POST {auth}/authentication/v1/token/access-key`.
+    AccessKey,
+    /// OAuth2 password grant with the access key as username/password.
+    Password,
 }
 
 /// The CXone credentials, present and non-empty.
@@ -214,6 +231,7 @@ pub struct WorkerSettings {
     pub shutdown_grace_secs: u64,
     pub max_event_bytes: usize,
     pub archive_lookback_days: u32,
+    pub retry_delays_secs: Vec<u64>,
 }
 
 impl WorkerSettings {
@@ -287,6 +305,7 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("safety.immediate_reasons")
+                .with_list_parse_key("worker.retry_delays_secs")
                 .try_parsing(true)
                 .source(Some(env)),
         );
@@ -368,6 +387,27 @@ impl Settings {
             ));
         }
         positive("cxone.request_timeout_secs", c.request_timeout_secs)?;
+        positive("cxone.max_attempts", u64::from(c.max_attempts))?;
+        positive("cxone.max_retry_elapsed_secs", c.max_retry_elapsed_secs)?;
+        positive(
+            "cxone.breaker_failure_threshold",
+            u64::from(c.breaker_failure_threshold),
+        )?;
+        positive("cxone.breaker_open_secs", c.breaker_open_secs)?;
+        if let Some(ca) = &c.ca_bundle
+            && !ca.is_file()
+        {
+            return Err(ConfigError::invalid(
+                "cxone.ca_bundle",
+                format!("{} is not a readable file", ca.display()),
+            ));
+        }
+        if c.auth_flow == AuthFlow::Password && c.client_id.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError::invalid(
+                "cxone.client_id",
+                "is required when cxone.auth_flow = \"password\"",
+            ));
+        }
         positive("cxone.connect_timeout_secs", c.connect_timeout_secs)?;
         let rps = c.rate_limit.requests_per_second;
         if !(rps.is_finite() && rps > 0.0 && rps <= 100_000.0) {
@@ -416,6 +456,18 @@ impl Settings {
             return Err(ConfigError::invalid(
                 "worker.archive_lookback_days",
                 "must be 1-3650",
+            ));
+        }
+        if self.worker.retry_delays_secs.is_empty()
+            || self
+                .worker
+                .retry_delays_secs
+                .iter()
+                .any(|d| *d == 0 || *d > 86_400)
+        {
+            return Err(ConfigError::invalid(
+                "worker.retry_delays_secs",
+                "must list 1 or more delays of 1-86400 seconds",
             ));
         }
         self.http.listen_addr()?;

@@ -135,7 +135,7 @@ pub struct Employee {
 }
 
 /// Per-event options, defaults applied (CONTRACT §3).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Options {
     pub terminate_sessions: bool,
     pub archive_interactions: bool,

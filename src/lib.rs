@@ -9,18 +9,26 @@
 //! - [`telemetry`]: structured logs.
 //! - [`metrics`]: every Prometheus metric the process exports, in one place.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`cxone`]: the CXone client: auth, priority rate limiter, retries, circuit breaker.
 //! - [`event`]: the wire types of termination events, parsed into validated newtypes.
 //! - [`broker`]: RabbitMQ topology, the consumer, publishing and dead-lettering.
+//! - [`saga`]: the offboarding saga: journal, steps, outcomes, and its broker handler.
+//! - [`archive`]: the streamed interaction archive and the write-once audit manifest.
+//! - [`hris`]: the signed HRIS webhook.
 //! - [`store`]: the S3 bucket.
 //! - [`worker`]: wires broker, handler and HTTP together and drains on shutdown.
 //! - [`cli`]: one module per command of the binary.
 
+pub mod archive;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod cxone;
 pub mod event;
+pub mod hris;
 pub mod http;
 pub mod metrics;
+pub mod saga;
 pub mod store;
 pub mod telemetry;
 pub mod worker;

@@ -7,11 +7,18 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabel {
     pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+    pub status: String,
 }
 
 /// The process's metrics. Cheap to clone (all handles are shared).
@@ -27,6 +34,23 @@ pub struct Metrics {
     broker_connected: Gauge,
     broker_reconnects: Counter,
     draining: Gauge,
+    cxone_requests: Family<RouteLabel, Counter>,
+    cxone_throttled: Counter,
+    cxone_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
+    sagas: Family<StatusLabel, Counter>,
+    sagas_parked: Counter,
+    step_seconds: Family<StepLabel, Histogram>,
+    time_to_revoke: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabel {
+    pub step: String,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -94,8 +118,55 @@ impl Metrics {
         );
         let draining = Gauge::default();
         registry.register("draining", "1 once shutdown has begun", draining.clone());
+        let cxone_requests = Family::<RouteLabel, Counter>::default();
+        registry.register(
+            "cxone_requests",
+            "CXone requests by route template and HTTP status (0 = no answer)",
+            cxone_requests.clone(),
+        );
+        let cxone_throttled = Counter::default();
+        registry.register(
+            "cxone_throttled",
+            "CXone answers 429",
+            cxone_throttled.clone(),
+        );
+        let cxone_rate = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "cxone_rate_limit",
+            "Requests per second the adaptive limiter allows now",
+            cxone_rate.clone(),
+        );
+        let sagas = Family::<StatusLabel, Counter>::default();
+        registry.register("sagas", "Sagas finished, by final status", sagas.clone());
+        let sagas_parked = Counter::default();
+        registry.register(
+            "sagas_parked",
+            "Sagas parked in a delay queue after transient failures",
+            sagas_parked.clone(),
+        );
+        let step_seconds = Family::<StepLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 16))
+        });
+        registry.register(
+            "step_duration_seconds",
+            "Duration of saga steps",
+            step_seconds.clone(),
+        );
+        let time_to_revoke = Histogram::new(exponential_buckets(0.05, 2.0, 18));
+        registry.register(
+            "time_to_revoke_seconds",
+            "From the event's time to login blocked, sessions ended and keys revoked",
+            time_to_revoke.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            sagas,
+            sagas_parked,
+            step_seconds,
+            time_to_revoke,
+            cxone_requests,
+            cxone_throttled,
+            cxone_rate,
             received,
             invalid,
             acked,
@@ -149,6 +220,40 @@ impl Metrics {
     }
     pub fn broker_reconnected(&self) {
         self.broker_reconnects.inc();
+    }
+    pub fn cxone_request(&self, route: &str, status: u16) {
+        self.cxone_requests
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+                status: status.to_string(),
+            })
+            .inc();
+    }
+    pub fn cxone_throttled(&self) {
+        self.cxone_throttled.inc();
+    }
+    pub fn cxone_rate(&self, rate: f64) {
+        self.cxone_rate.set(rate);
+    }
+    pub fn saga_finished(&self, status: &str) {
+        self.sagas
+            .get_or_create(&StatusLabel {
+                status: status.to_owned(),
+            })
+            .inc();
+    }
+    pub fn saga_parked(&self) {
+        self.sagas_parked.inc();
+    }
+    pub fn step_finished(&self, step: &str, seconds: f64) {
+        self.step_seconds
+            .get_or_create(&StepLabel {
+                step: step.to_owned(),
+            })
+            .observe(seconds);
+    }
+    pub fn time_to_revoke(&self, seconds: f64) {
+        self.time_to_revoke.observe(seconds);
     }
     pub fn drain_started(&self) {
         self.draining.set(1);

@@ -55,6 +55,26 @@ fn quorum_args(dead_letter_exchange: Option<&str>, delivery_limit: Option<u32>) 
     args
 }
 
+/// A delay queue: messages expire after `secs` and dead-letter straight back to the work
+/// queue (through the default exchange). One queue per delay, so no message waits behind a
+/// longer one.
+fn delay_args(s: &AmqpSettings, secs: u64) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-message-ttl"),
+        AMQPValue::LongLongInt(i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)),
+    );
+    args.insert(
+        ShortString::from("x-dead-letter-exchange"),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        ShortString::from("x-dead-letter-routing-key"),
+        AMQPValue::LongString(s.requests_queue.as_str().into()),
+    );
+    args
+}
+
 fn conflict_or(err: lapin::Error, name: &str, key: &'static str) -> anyhow::Error {
     if let lapin::ErrorKind::ProtocolError(amqp) = err.kind()
         && matches!(
@@ -122,7 +142,11 @@ async fn bind(
 ///
 /// A refused declaration closes the channel, so callers use a dedicated channel and open a new
 /// one afterwards.
-pub async fn declare(channel: &Channel, s: &AmqpSettings) -> anyhow::Result<()> {
+pub async fn declare(
+    channel: &Channel,
+    s: &AmqpSettings,
+    delays_secs: &[u64],
+) -> anyhow::Result<()> {
     exchange(channel, &s.events_exchange, "amqp.events_exchange").await?;
     exchange(
         channel,
@@ -160,5 +184,15 @@ pub async fn declare(channel: &Channel, s: &AmqpSettings) -> anyhow::Result<()> 
         quorum_args(None, None),
     )
     .await?;
+    for secs in delays_secs {
+        let name = delay_queue_name(s, &format!("{secs}s"));
+        queue(
+            channel,
+            &name,
+            "amqp.delay_queue_prefix",
+            delay_args(s, *secs),
+        )
+        .await?;
+    }
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod completions;
+pub mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +37,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Consume termination events and run their sagas until SIGTERM/SIGINT, then drain.
+    #[command(
+        after_help = "Example:\n  OFFBOARD__CXONE__ACCESS_KEY_ID=... OFFBOARD__CXONE__ACCESS_KEY_SECRET=... \\\n  OFFBOARD__S3__ENDPOINT=http://127.0.0.1:9000 cxone-offboard worker"
+    )]
+    Worker,
     /// Verify configuration, broker, bucket and CXone access; print what fails.
     #[command(
         after_help = "Example:\n  OFFBOARD__S3__ENDPOINT=http://127.0.0.1:9000 cxone-offboard check"
@@ -87,6 +93,7 @@ pub fn load_settings(cli: &Cli) -> Result<Settings, Failure> {
 /// Runs the parsed command line and maps the result to an exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match &cli.command {
+        Command::Worker => worker::run(&cli).await,
         Command::Check => check::run(&cli).await,
         Command::Completions(args) => completions::run(args),
     };

@@ -1,0 +1,490 @@
+//! The saga journal, `sagas/{saga_id}.json`: the event, each step's status, attempts, timings
+//! and compensating record, and a lease so two workers never run one saga at once. Written
+//! with `If-None-Match: *` once and `If-Match` on the previous ETag after that.
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::cxone::{AccessKey, Agent, CallRecord, ScimUser, SkillAssignment, User};
+use crate::event::{Command, Event, Options};
+use crate::store::{Store, StoreError, Write};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The steps, in order (CONTRACT §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepName {
+    Resolve,
+    BlockLogin,
+    Logout,
+    RevokeKeys,
+    UnassignSkills,
+    Archive,
+    Delete,
+    Manifest,
+    Notify,
+    Outcome,
+}
+
+impl StepName {
+    pub const ALL: [StepName; 10] = [
+        StepName::Resolve,
+        StepName::BlockLogin,
+        StepName::Logout,
+        StepName::RevokeKeys,
+        StepName::UnassignSkills,
+        StepName::Archive,
+        StepName::Delete,
+        StepName::Manifest,
+        StepName::Notify,
+        StepName::Outcome,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Resolve => "resolve",
+            Self::BlockLogin => "block_login",
+            Self::Logout => "logout",
+            Self::RevokeKeys => "revoke_keys",
+            Self::UnassignSkills => "unassign_skills",
+            Self::Archive => "archive",
+            Self::Delete => "delete",
+            Self::Manifest => "manifest",
+            Self::Notify => "notify",
+            Self::Outcome => "outcome",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|n| n.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for StepName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Pending,
+    Done,
+    Skipped,
+    Failed,
+    Compensated,
+    Planned,
+}
+
+impl StepStatus {
+    /// Nothing left to do for this step.
+    pub fn is_settled(self) -> bool {
+        matches!(
+            self,
+            Self::Done | Self::Skipped | Self::Compensated | Self::Planned
+        )
+    }
+}
+
+/// `error` of outcomes and journals (CONTRACT §4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorRecord {
+    pub step: Option<String>,
+    pub class: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub name: StepName,
+    pub status: StepStatus,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// What the step did or found, in words (e.g. "removed 2 skills").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorRecord>,
+}
+
+/// Terminal and intermediate states of a saga.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SagaState {
+    Running,
+    Parked,
+    Completed,
+    Failed,
+    Planned,
+    Compensated,
+    Scheduled,
+    Held,
+    Cancelled,
+}
+
+impl SagaState {
+    /// Finished for good: a redelivery only re-publishes the outcome.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Completed | Self::Planned | Self::Compensated | Self::Cancelled
+        )
+    }
+}
+
+/// Outcome `status` values (CONTRACT §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FinalStatus {
+    Deleted,
+    DeactivatedOnly,
+    AlreadyAbsent,
+    Failed,
+    Compensated,
+    Planned,
+    Scheduled,
+    Held,
+}
+
+impl FinalStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deleted => "DELETED",
+            Self::DeactivatedOnly => "DEACTIVATED_ONLY",
+            Self::AlreadyAbsent => "ALREADY_ABSENT",
+            Self::Failed => "FAILED",
+            Self::Compensated => "COMPENSATED",
+            Self::Planned => "PLANNED",
+            Self::Scheduled => "SCHEDULED",
+            Self::Held => "HELD",
+        }
+    }
+}
+
+/// The event as the journal keeps it (plain values; it was validated on the way in).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEvent {
+    pub id: String,
+    pub source: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    pub external_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub effective_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub options: Option<Options>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notify: Option<String>,
+}
+
+impl JournalEvent {
+    pub fn from_event(e: &Event) -> Self {
+        let employee = e.employee();
+        let (effective_at, reason, options, notify) = match &e.command {
+            Command::Terminate(t) => (
+                t.effective_at.map(|d| d.to_rfc3339()),
+                t.reason.clone(),
+                Some(t.options.clone()),
+                t.notify.clone(),
+            ),
+            Command::Rescind(_) => (None, None, None, None),
+        };
+        Self {
+            id: e.id.as_str().to_owned(),
+            source: e.source.as_str().to_owned(),
+            kind: e.type_name().to_owned(),
+            time: e.time.map(|t| t.to_rfc3339()),
+            external_id: employee.external_id.as_str().to_owned(),
+            username: employee.username.clone(),
+            email: employee.email.clone(),
+            effective_at,
+            reason,
+            options,
+            notify,
+        }
+    }
+}
+
+/// The CXone ids of the employee once resolved.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmployeeIds {
+    pub external_id: String,
+    pub user_id: Option<String>,
+    pub agent_id: Option<i64>,
+}
+
+/// Before-images: what compensation would restore.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Before {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<User>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<Agent>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scim: Option<ScimUser>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skills: Option<Vec<SkillAssignment>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_keys: Option<Vec<AccessKey>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveRecord {
+    pub uri: String,
+    pub key: String,
+    pub sha256: String,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRecord {
+    pub uri: String,
+    pub key: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub owner: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Journal {
+    pub format: u32,
+    pub saga_id: String,
+    pub event: JournalEvent,
+    pub state: SagaState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<FinalStatus>,
+    pub employee: EmployeeIds,
+    pub steps: Vec<StepRecord>,
+    #[serde(default)]
+    pub before: Before,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted_keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed_skills: Vec<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<ManifestRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<CallRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+    /// Times the saga was parked after transient failures.
+    #[serde(default)]
+    pub parks: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+impl Journal {
+    pub fn new(saga_id: &str, event: &Event, now: DateTime<Utc>) -> Self {
+        Self {
+            format: FORMAT_VERSION,
+            saga_id: saga_id.to_owned(),
+            event: JournalEvent::from_event(event),
+            state: SagaState::Running,
+            status: None,
+            employee: EmployeeIds {
+                external_id: event.employee().external_id.as_str().to_owned(),
+                ..EmployeeIds::default()
+            },
+            steps: StepName::ALL
+                .iter()
+                .map(|name| StepRecord {
+                    name: *name,
+                    status: StepStatus::Pending,
+                    attempts: 0,
+                    started_at: None,
+                    finished_at: None,
+                    detail: None,
+                    error: None,
+                })
+                .collect(),
+            before: Before::default(),
+            deleted_keys: Vec::new(),
+            removed_skills: Vec::new(),
+            revoked_at: None,
+            archive: None,
+            manifest: None,
+            calls: Vec::new(),
+            error: None,
+            warnings: Vec::new(),
+            lease: None,
+            parks: 0,
+            created_at: now,
+            updated_at: now,
+            completed_at: None,
+        }
+    }
+
+    pub fn step(&self, name: StepName) -> &StepRecord {
+        // Every journal holds every step (constructed so, and checked on load).
+        &self.steps[name as usize]
+    }
+
+    pub fn step_mut(&mut self, name: StepName) -> &mut StepRecord {
+        &mut self.steps[name as usize]
+    }
+
+    /// The first step that is not settled: where a redelivery resumes.
+    pub fn next_step(&self) -> Option<StepName> {
+        self.steps
+            .iter()
+            .find(|s| !s.status.is_settled())
+            .map(|s| s.name)
+    }
+
+    /// Is the lease held by someone other than `owner` and still valid at `now`?
+    pub fn leased_by_other(&self, owner: &str, now: DateTime<Utc>) -> bool {
+        self.lease
+            .as_ref()
+            .is_some_and(|l| l.owner != owner && l.expires_at > now)
+    }
+
+    pub fn key(saga_id: &str) -> String {
+        format!("sagas/{saga_id}.json")
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.steps.len() != StepName::ALL.len()
+            || self
+                .steps
+                .iter()
+                .zip(StepName::ALL)
+                .any(|(s, n)| s.name != n)
+        {
+            return Err("journal steps do not match this version's saga".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// A journal with the ETag it was read or written with.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub journal: Journal,
+    pub etag: Option<String>,
+}
+
+/// Reads a journal; `None` if the saga never got that far.
+pub async fn load<S: Store>(store: &S, saga_id: &str) -> Result<Option<Stored>, StoreError> {
+    let key = Journal::key(saga_id);
+    let Some(object) = store.get(&key).await? else {
+        return Ok(None);
+    };
+    let journal: Journal =
+        serde_json::from_slice(&object.body).map_err(|e| StoreError::Permanent {
+            op: "GET",
+            key: key.clone(),
+            message: format!("unreadable journal: {e}"),
+        })?;
+    journal.check().map_err(|message| StoreError::Permanent {
+        op: "GET",
+        key,
+        message,
+    })?;
+    Ok(Some(Stored {
+        journal,
+        etag: Some(object.etag),
+    }))
+}
+
+/// Writes the journal: create when it has no ETag yet, else replace that exact version.
+pub async fn save<S: Store>(store: &S, stored: &mut Stored) -> Result<(), StoreError> {
+    stored.journal.updated_at = Utc::now();
+    let body = serde_json::to_vec_pretty(&stored.journal).map_err(|e| StoreError::Permanent {
+        op: "PUT",
+        key: Journal::key(&stored.journal.saga_id),
+        message: e.to_string(),
+    })?;
+    let write = match &stored.etag {
+        None => Write::Create,
+        Some(etag) => Write::Replace(etag.clone()),
+    };
+    let etag = store
+        .put(
+            &Journal::key(&stored.journal.saga_id),
+            Bytes::from(body),
+            "application/json",
+            write,
+        )
+        .await?;
+    stored.etag = Some(etag);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Limits, parse};
+    use crate::store::Memory;
+
+    fn event() -> Event {
+        parse(
+            br#"{"specversion":"1.0","id":"e1","source":"s","type":"employee.terminated",
+                 "data":{"employee":{"external_id":"E000001"}}}"#,
+            Limits::default(),
+        )
+        .expect("valid")
+    }
+
+    #[tokio::test]
+    async fn create_then_replace_with_etags() {
+        let store = Memory::default();
+        let mut s = Stored {
+            journal: Journal::new("abc", &event(), Utc::now()),
+            etag: None,
+        };
+        save(&store, &mut s).await.expect("create");
+        let mut other = load(&store, "abc").await.expect("load").expect("exists");
+        s.journal.step_mut(StepName::Resolve).status = StepStatus::Done;
+        save(&store, &mut s).await.expect("replace");
+        // A stale writer loses.
+        assert!(matches!(
+            save(&store, &mut other).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        let back = load(&store, "abc").await.expect("load").expect("exists");
+        assert_eq!(back.journal.next_step(), Some(StepName::BlockLogin));
+    }
+
+    #[test]
+    fn step_names_roundtrip() {
+        for n in StepName::ALL {
+            assert_eq!(StepName::parse(n.as_str()), Some(n));
+            assert_eq!(
+                n as usize,
+                StepName::ALL.iter().position(|m| *m == n).expect("in")
+            );
+        }
+    }
+}
