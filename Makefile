@@ -41,3 +41,19 @@ fmt: ## Format the code
 .PHONY: check
 check: services ## Run `cxone-offboard check` against the local services
 	$(CARGO) run --quiet -- check
+
+# Container image: tag = the crate version (Cargo.toml). DOCKER=podman works too.
+DOCKER ?= docker
+IMAGE ?= cxone-offboard
+VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+
+.PHONY: helm-lint
+helm-lint: ## Lint, render and validate the Helm chart; run its tests (installs helm + tools if missing)
+	@scripts/helm-lint.sh
+
+.PHONY: image
+image: ## Build the container image cxone-offboard:VERSION (needs a Docker engine with BuildKit)
+	$(DOCKER) build -t $(IMAGE):$(VERSION) \
+		--build-arg VERSION=$(VERSION) \
+		--build-arg REVISION=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) \
+		--build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) .

@@ -1,0 +1,604 @@
+"""Tests of the Helm chart helm/cxone-offboard, by rendering it with the real helm binary.
+
+Run by `make helm-lint` (scripts/helm-lint.sh), which installs helm into .tools/bin and the
+Python tools. Alone: `HELM=.tools/bin/helm python3 -m pytest tests/helm`.
+
+What is checked, for every values file in helm/values-tests/:
+- no container runs as root; read-only root FS, no privilege escalation, all capabilities
+  dropped, seccomp RuntimeDefault;
+- terminationGracePeriodSeconds exceeds worker.shutdown_grace_secs of the rendered config;
+- secrets are never inlined in the ConfigMap, and reach the worker only from the Secret;
+- the rendered config.toml parses and uses only keys config/default.toml knows, and (when a
+  built binary is at hand; this never builds one) `cxone-offboard check` accepts it;
+- the KEDA ScaledObject targets the Deployment and the requests queue (offboard.requests),
+  with queue length = max_in_flight and auth from the same Secret key as the AMQP URL
+  (KEDA and Prometheus-operator objects are not in kubernetes-validate's schemas).
+And that bad values fail: a wrong type, a typo, a secret in `config`, missing secrets.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import os
+import re
+import subprocess
+import tomllib
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "cxone-offboard"
+VALUES_DIR = ROOT / "helm" / "values-tests"
+VALUES_FILES = sorted(VALUES_DIR.glob("*.yaml"))
+HELM = os.environ.get("HELM") or str(ROOT / ".tools" / "bin" / "helm")
+KUBE_VERSION = os.environ.get("KUBE_VERSION", "1.33") + ".0"
+CONFIG_PATH = "/etc/cxone-offboard/config.toml"
+REQUIRED_SECRETS = {
+    "secrets": {
+        "amqpUrl": "amqp://offboard:s3cr3t-broker-pw@rabbitmq:5672/%2f",
+        "cxoneAccessKeyId": "key-id-123",
+        "cxoneAccessKeySecret": "key-secret-456",
+    }
+}
+
+if not Path(HELM).exists():
+    pytest.skip(f"no helm at {HELM}: run scripts/helm-lint.sh", allow_module_level=True)
+
+
+# --- rendering ---------------------------------------------------------------------------
+
+def helm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([HELM, *args], capture_output=True, text=True, timeout=60)
+
+
+def template_args(files: list[Path]) -> list[str]:
+    args = ["template", "offboard", str(CHART), "--namespace", "offboard",
+            "--kube-version", KUBE_VERSION]
+    for f in files:
+        args += ["-f", str(f)]
+    return args
+
+
+@functools.lru_cache(maxsize=None)
+def render_file(path: Path) -> tuple[dict, ...]:
+    proc = helm(*template_args([path]))
+    assert proc.returncode == 0, proc.stderr
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+def render(tmp_path: Path, *values: dict) -> list[dict]:
+    proc = helm(*template_args(write_values(tmp_path, *values)))
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def render_fails(tmp_path: Path, *values: dict, lint: bool = False) -> str:
+    """helm template (what install renders) fails; with lint=True `helm lint --strict` too.
+    helm lint only reports schema errors: it logs the chart's `fail`/`required` and passes.
+    Returns helm template's error text."""
+    files = write_values(tmp_path, *values)
+    proc = helm(*template_args(files))
+    assert proc.returncode != 0, f"helm template accepted {values}:\n{proc.stdout[:2000]}"
+    if not lint:
+        return proc.stderr
+    lint_args = ["lint", "--strict", str(CHART)]
+    for f in files:
+        lint_args += ["-f", str(f)]
+    lint = helm(*lint_args)
+    assert lint.returncode != 0, f"helm lint accepted {values}:\n{lint.stdout}"
+    return proc.stderr
+
+
+def write_values(tmp_path: Path, *values: dict) -> list[Path]:
+    files = []
+    for i, v in enumerate(values):
+        f = tmp_path / f"values-{i}.yaml"
+        f.write_text(yaml.safe_dump(v))
+        files.append(f)
+    return files
+
+
+def by_kind(docs, kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs, kind: str) -> dict:
+    found = by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def rendered_config(docs) -> dict:
+    return tomllib.loads(one(docs, "ConfigMap")["data"]["config.toml"])
+
+
+def pod_specs(docs) -> list[tuple[str, dict]]:
+    out = []
+    for d in docs:
+        if d["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet"):
+            out.append((f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]))
+        elif d["kind"] == "CronJob":
+            out.append((f"CronJob/{d['metadata']['name']}",
+                        d["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
+    return out
+
+
+def worker_container(docs) -> dict:
+    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
+    return next(c for c in spec["containers"] if c["name"] == "worker")
+
+
+def flatten(table: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+params = pytest.mark.parametrize("values_file", VALUES_FILES, ids=lambda p: p.stem)
+
+
+def test_values_files_exist():
+    names = {p.stem for p in VALUES_FILES}
+    assert {"defaults", "keda-off", "existing-secret", "network-policy"} <= names
+
+
+# --- security ------------------------------------------------------------------------------
+
+@params
+def test_no_container_runs_as_root(values_file):
+    specs = pod_specs(render_file(values_file))
+    assert specs, "no pod template rendered"
+    for name, spec in specs:
+        pod_sc = spec.get("securityContext") or {}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c.get("securityContext") or {}
+            where = f"{name} container {c['name']}"
+            run_as_user = sc.get("runAsUser", pod_sc.get("runAsUser"))
+            assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, where
+            assert isinstance(run_as_user, int) and run_as_user != 0, where
+            assert sc.get("runAsGroup", pod_sc.get("runAsGroup", 1)) != 0, where
+            assert sc.get("privileged", False) is False, where
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert not sc.get("capabilities", {}).get("add"), where
+            seccomp = sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}
+            assert seccomp.get("type") == "RuntimeDefault", where
+
+
+@params
+def test_tmp_is_a_writable_empty_dir(values_file):
+    for name, spec in pod_specs(render_file(values_file)):
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for c in spec["containers"]:
+            mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+            assert "/tmp" in mounts, name
+            assert "emptyDir" in volumes[mounts["/tmp"]["name"]], name
+            assert mounts["/etc/cxone-offboard"]["readOnly"] is True, name
+
+
+# --- drain ---------------------------------------------------------------------------------
+
+@params
+def test_grace_period_exceeds_shutdown_grace(values_file):
+    docs = render_file(values_file)
+    grace = rendered_config(docs)["worker"]["shutdown_grace_secs"]
+    for name, spec in pod_specs(docs):
+        if name.startswith("Deployment/"):
+            assert spec["terminationGracePeriodSeconds"] > grace, name
+            assert spec["terminationGracePeriodSeconds"] >= grace + 5, name
+
+
+def test_grace_period_follows_worker_values(tmp_path):
+    docs = render(tmp_path, REQUIRED_SECRETS,
+                  {"worker": {"shutdownGraceSecs": 100, "terminationGraceMarginSecs": 20}})
+    assert rendered_config(docs)["worker"]["shutdown_grace_secs"] == 100
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+
+
+@params
+def test_rolling_update_keeps_consumers(values_file):
+    strategy = one(render_file(values_file), "Deployment")["spec"]["strategy"]
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0
+
+
+# --- worker wiring -------------------------------------------------------------------------
+
+@params
+def test_worker_command_probes_and_port(values_file):
+    docs = render_file(values_file)
+    c = worker_container(docs)
+    assert c["args"] == ["--config", CONFIG_PATH, "worker"]
+    assert "command" not in c, "the image's ENTRYPOINT is the binary"
+    listen = rendered_config(docs)["http"]["listen"]
+    port = int(listen.rsplit(":", 1)[1])
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http-metrics": port}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
+    assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+    svc = one(docs, "Service")
+    assert svc["spec"]["ports"][0]["targetPort"] == "http-metrics"
+    selector = svc["spec"]["selector"]
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= pod_labels.items()
+
+
+@params
+def test_config_toml_uses_known_keys(values_file):
+    """The worker denies unknown keys: everything rendered must be a key it knows."""
+    known = set(flatten(tomllib.loads((ROOT / "config" / "default.toml").read_text())))
+    # Keys default.toml leaves commented out (unset by default).
+    known |= {"s3.endpoint", "cxone.api_base_url", "cxone.auth_base_url", "cxone.scim_base_url",
+              "cxone.access_key_secret_file"}
+    rendered = flatten(rendered_config(render_file(values_file)))
+    for key in rendered:
+        generic = re.sub(r"^hris\.endpoints\.[a-z0-9_]+\.", "hris.endpoints.*.", key)
+        if generic.startswith("hris.endpoints.*."):
+            assert generic in {"hris.endpoints.*.url", "hris.endpoints.*.secret_file"}, key
+        else:
+            assert key in known, f"{key} is not in config/default.toml"
+
+
+def worker_binary() -> Path | None:
+    """A cxone-offboard binary already built (this test never builds one)."""
+    if os.environ.get("CXONE_OFFBOARD_BIN"):
+        return Path(os.environ["CXONE_OFFBOARD_BIN"])
+    for profile in ("release", "debug"):
+        candidate = ROOT / "target" / profile / "cxone-offboard"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@params
+def test_rendered_config_loads_in_the_worker(values_file, tmp_path):
+    """The worker itself accepts the rendered config.toml plus the chart's environment
+    (`check` prints its config line first). Every address points at a closed loopback port."""
+    binary = worker_binary()
+    if binary is None:
+        pytest.skip("no built cxone-offboard binary (target/*/cxone-offboard or CXONE_OFFBOARD_BIN)")
+    docs = render_file(values_file)
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(one(docs, "ConfigMap")["data"]["config.toml"])
+    env = {"PATH": "/usr/bin:/bin", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "OFFBOARD__S3__ENDPOINT": "http://127.0.0.1:9",
+           "OFFBOARD__CXONE__ISSUER": "http://127.0.0.1:9",
+           "OFFBOARD__AMQP__RECONNECT_INITIAL_MS": "1", "OFFBOARD__AMQP__RECONNECT_MAX_MS": "1"}
+    for var in worker_container(docs)["env"]:
+        if "valueFrom" in var:  # what the Secret would provide
+            env[var["name"]] = "amqp://u:p@127.0.0.1:9/%2f" if var["name"] == "OFFBOARD__AMQP__URL" \
+                else "test-value"
+    proc = subprocess.run([str(binary), "--config", str(config_file), "check"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    first = (proc.stdout + proc.stderr).strip().splitlines()[0]
+    assert re.match(r"^config\s+ok\b", first), proc.stdout + proc.stderr
+
+
+def test_chart_defaults_match_the_binary(tmp_path):
+    """values.yaml's config repeats config/default.toml; a default changed on one side only
+    would silently override the other."""
+    binary = flatten(tomllib.loads((ROOT / "config" / "default.toml").read_text()))
+    chart = flatten(rendered_config(render(tmp_path, REQUIRED_SECRETS)))
+    chart_only_overrides = {"log.format"}  # JSON logs in the cluster, not "auto"
+    for key, value in chart.items():
+        if key in binary and key not in chart_only_overrides:
+            assert value == binary[key], f"{key}: chart {value!r}, config/default.toml {binary[key]!r}"
+    missing = sorted(k for k in binary if k not in chart and k != "amqp.url")
+    if missing:
+        warnings.warn(f"config/default.toml keys not exposed in values.yaml config: {missing}")
+
+
+def test_max_in_flight_feeds_config_and_keda(tmp_path):
+    docs = render(tmp_path, REQUIRED_SECRETS, {"worker": {"maxInFlight": 7}})
+    assert rendered_config(docs)["worker"]["max_in_flight"] == 7
+    trigger = one(docs, "ScaledObject")["spec"]["triggers"][0]
+    assert trigger["metadata"]["value"] == "7"
+
+
+def test_config_changes_roll_the_pods(tmp_path):
+    a = one(render(tmp_path, REQUIRED_SECRETS), "Deployment")
+    b = one(render(tmp_path, REQUIRED_SECRETS, {"config": {"s3": {"bucket": "other-bucket"}}}),
+            "Deployment")
+    key = "checksum/config"
+    assert a["spec"]["template"]["metadata"]["annotations"][key] != \
+        b["spec"]["template"]["metadata"]["annotations"][key]
+
+
+# --- secrets -------------------------------------------------------------------------------
+
+SECRET_ENV = {
+    "OFFBOARD__AMQP__URL": "amqp-url",
+    "OFFBOARD__CXONE__ACCESS_KEY_ID": "cxone-access-key-id",
+    "OFFBOARD__CXONE__ACCESS_KEY_SECRET": "cxone-access-key-secret",
+}
+
+
+def secret_name(docs) -> str:
+    env = {e["name"]: e for e in worker_container(docs)["env"]}
+    return env["OFFBOARD__AMQP__URL"]["valueFrom"]["secretKeyRef"]["name"]
+
+
+@params
+def test_secrets_never_inlined_in_configmap(values_file):
+    docs = render_file(values_file)
+    cm = one(docs, "ConfigMap")
+    text = json.dumps(cm["data"])
+    config = flatten(rendered_config(docs))
+    for key, value in config.items():
+        leaf = key.rsplit(".", 1)[-1]
+        assert leaf not in {"url", "secret", "access_key_secret", "access_key_id", "password",
+                            "token"} or key.startswith("hris.endpoints."), key
+        assert not (key.startswith("hris.endpoints.") and leaf == "secret"), key
+        if isinstance(value, str):
+            assert not re.match(r"^[a-z][a-z0-9+.-]*://[^/@]*@", value), f"{key} carries credentials"
+    assert "amqp" not in config or "url" not in rendered_config(docs)["amqp"]
+    # No value of the chart-made Secret appears anywhere in the ConfigMap.
+    for secret in by_kind(docs, "Secret"):
+        for k, v in secret.get("data", {}).items():
+            plain = base64.b64decode(v).decode()
+            assert plain not in text, f"Secret key {k} is inlined in the ConfigMap"
+        assert "stringData" not in secret
+
+
+@params
+def test_secrets_reach_the_worker_from_the_secret_only(values_file):
+    docs = render_file(values_file)
+    values = yaml.safe_load(values_file.read_text()) or {}
+    name = secret_name(docs)
+    assert name == (values.get("existingSecret") or "offboard-cxone-offboard")
+    endpoints = rendered_config(docs).get("hris", {}).get("endpoints", {})
+    expected = dict(SECRET_ENV)
+    expected.update({f"OFFBOARD__HRIS__ENDPOINTS__{n.upper()}__SECRET": f"hris-{n}-secret"
+                     for n in endpoints})
+    for _, spec in pod_specs(docs):
+        for c in spec["containers"]:
+            env = {e["name"]: e for e in c["env"]}
+            for var, key in expected.items():
+                assert "value" not in env[var], f"{var} inlined"
+                assert env[var]["valueFrom"]["secretKeyRef"] == {"name": name, "key": key}
+            assert "envFrom" not in c
+    secrets = by_kind(docs, "Secret")
+    if values.get("existingSecret"):
+        assert secrets == [], "existingSecret set, yet the chart rendered a Secret"
+    else:
+        assert set(one(docs, "Secret")["data"]) == set(expected.values())
+
+
+def test_secret_values_are_encoded(tmp_path):
+    docs = render(tmp_path, REQUIRED_SECRETS)
+    data = one(docs, "Secret")["data"]
+    assert base64.b64decode(data["amqp-url"]).decode() == REQUIRED_SECRETS["secrets"]["amqpUrl"]
+    assert base64.b64decode(data["cxone-access-key-secret"]).decode() == "key-secret-456"
+
+
+def test_irsa_annotation_on_service_account():
+    docs = render_file(VALUES_DIR / "existing-secret.yaml")
+    sa = one(docs, "ServiceAccount")
+    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == sa["metadata"]["name"]
+
+
+# --- scaling -------------------------------------------------------------------------------
+
+@params
+def test_keda_scaled_object(values_file):
+    docs = render_file(values_file)
+    values = yaml.safe_load(values_file.read_text()) or {}
+    keda_on = values.get("keda", {}).get("enabled", True)
+    deployment = one(docs, "Deployment")
+    if not keda_on:
+        assert not by_kind(docs, "ScaledObject") and not by_kind(docs, "TriggerAuthentication")
+        return
+    so = one(docs, "ScaledObject")
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    assert so["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                            "name": deployment["metadata"]["name"]}
+    assert 0 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
+    assert so["spec"]["cooldownPeriod"] >= 0 and so["spec"]["pollingInterval"] > 0
+    assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
+    [trigger] = so["spec"]["triggers"]
+    config = rendered_config(docs)
+    assert trigger["type"] == "rabbitmq"
+    assert trigger["metadata"]["queueName"] == "offboard.requests"
+    assert trigger["metadata"]["queueName"] == config["amqp"]["requests_queue"]
+    assert trigger["metadata"]["mode"] == "QueueLength"
+    assert trigger["metadata"]["protocol"] == "amqp", "host is the worker's AMQP URL"
+    assert trigger["metadata"]["value"] == str(config["worker"]["max_in_flight"])
+    assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA metadata are strings"
+    ta = one(docs, "TriggerAuthentication")
+    assert ta["apiVersion"] == "keda.sh/v1alpha1"
+    assert trigger["authenticationRef"] == {"name": ta["metadata"]["name"]}
+    [ref] = ta["spec"]["secretTargetRef"]
+    env = {e["name"]: e for e in worker_container(docs)["env"]}
+    amqp_ref = env["OFFBOARD__AMQP__URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"parameter": "host", "name": amqp_ref["name"], "key": amqp_ref["key"]}
+    assert not by_kind(docs, "HorizontalPodAutoscaler"), "KEDA makes its own HPA"
+
+
+def test_queue_name_follows_config(tmp_path):
+    docs = render(tmp_path, REQUIRED_SECRETS,
+                  {"config": {"amqp": {"requests_queue": "acme.offboard.requests"}}})
+    trigger = one(docs, "ScaledObject")["spec"]["triggers"][0]
+    assert trigger["metadata"]["queueName"] == "acme.offboard.requests"
+
+
+def test_hpa_when_keda_is_off():
+    docs = render_file(VALUES_DIR / "keda-off.yaml")
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == one(docs, "Deployment")["metadata"]["name"]
+    assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+def test_fixed_replicas_without_autoscaling():
+    docs = render_file(VALUES_DIR / "existing-secret.yaml")
+    assert not by_kind(docs, "HorizontalPodAutoscaler") and not by_kind(docs, "ScaledObject")
+    assert one(docs, "Deployment")["spec"]["replicas"] == 3
+
+
+@params
+def test_pdb_selects_the_worker_pods(values_file):
+    docs = render_file(values_file)
+    pdb = one(docs, "PodDisruptionBudget")
+    labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # Replay Job pods are not worker pods.
+    for name, spec in pod_specs(docs):
+        if name.startswith("Job/"):
+            job = next(d for d in by_kind(docs, "Job") if f"Job/{d['metadata']['name']}" == name)
+            job_labels = job["spec"]["template"]["metadata"]["labels"]
+            assert not pdb["spec"]["selector"]["matchLabels"].items() <= job_labels.items()
+
+
+# --- optional objects ----------------------------------------------------------------------
+
+def test_service_monitor():
+    docs = render_file(VALUES_DIR / "existing-secret.yaml")
+    sm = one(docs, "ServiceMonitor")
+    svc = one(docs, "Service")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    [ep] = sm["spec"]["endpoints"]
+    assert ep["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    assert ep["path"] == "/metrics"
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_network_policy():
+    docs = render_file(VALUES_DIR / "network-policy.yaml")
+    np = one(docs, "NetworkPolicy")
+    assert set(np["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    ports = {(p["port"], p.get("protocol", "TCP"))
+             for rule in np["spec"]["egress"] for p in rule.get("ports", [])}
+    assert {(53, "UDP"), (53, "TCP"), (5672, "TCP"), (5671, "TCP"), (443, "TCP"),
+            (9000, "TCP")} <= ports
+    [ingress] = np["spec"]["ingress"]
+    assert ingress["ports"] == [{"port": "http-metrics", "protocol": "TCP"}]
+    labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert np["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert not by_kind(render_file(VALUES_DIR / "defaults.yaml"), "NetworkPolicy")
+
+
+def test_replay_job():
+    docs = render_file(VALUES_DIR / "network-policy.yaml")
+    job = one(docs, "Job")
+    spec = job["spec"]["template"]["spec"]
+    [c] = spec["containers"]
+    assert c["args"][:3] == ["--config", CONFIG_PATH, "replay"]
+    assert c["args"][-1] == "--dry-run", "replay is a dry run unless replayJob.dryRun=false"
+    assert "--class" in c["args"] and "exhausted" in c["args"]
+    assert spec["restartPolicy"] == "Never"
+    assert job["spec"]["backoffLimit"] == 0
+    assert not by_kind(render_file(VALUES_DIR / "defaults.yaml"), "Job")
+
+
+def test_replay_job_without_dry_run(tmp_path):
+    docs = render(tmp_path, REQUIRED_SECRETS,
+                  {"replayJob": {"enabled": True, "dryRun": False, "args": ["--class", "invalid"]}})
+    args = one(docs, "Job")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args == ["--config", CONFIG_PATH, "replay", "--class", "invalid"]
+
+
+# --- values that must fail -----------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [
+    {"worker": {"maxInFlight": "lots"}},
+    {"worker": {"shutdownGraceSecs": 25.5}},
+    {"keda": {"enabled": "yes"}},
+    {"keda": {"maxReplicaCount": 0}},
+    {"config": {"amqp": {"prefetch": "32"}}},
+    {"config": {"cxone": {"rate_limit": {"requests_per_second": -1}}}},
+    {"config": {"cxone": {"block_login": "ldap"}}},
+    {"image": {"pullPolicy": "Sometimes"}},
+    {"networkPolicy": {"amqpPorts": [70000]}},
+], ids=lambda v: json.dumps(v))
+def test_wrong_type_fails_the_schema(tmp_path, bad):
+    err = render_fails(tmp_path, REQUIRED_SECRETS, bad, lint=True)
+    assert "schema" in err, err
+
+
+@pytest.mark.parametrize("bad", [
+    {"kedaa": {"enabled": False}},
+    {"config": {"amqp": {"prefech": 64}}},
+    {"config": {"s3s": {"bucket": "x"}}},
+    {"serviceAccount": {"annotation": {}}},
+], ids=lambda v: json.dumps(v))
+def test_typo_fails_the_schema(tmp_path, bad):
+    err = render_fails(tmp_path, REQUIRED_SECRETS, bad, lint=True)
+    assert "schema" in err, err
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"config": {"cxone": {"access_key_secret": "x"}}}, "looks like a secret"),
+    ({"config": {"cxone": {"access_key_id": "x"}}}, "looks like a secret"),
+    ({"config": {"cxone": {"client_secret": "x"}}}, "looks like a secret"),
+    ({"config": {"amqp": {"url": "amqp://rabbitmq:5672/%2f"}}}, "config.amqp.url is a secret"),
+    ({"config": {"s3": {"endpoint": "https://admin:pw@minio:9000"}}}, "carries credentials"),
+    ({"config": {"hris": {"endpoints": {"workday": {
+        "url": "https://hr.example.com/hook", "secret": "x"}}}}}, "looks like a secret"),
+    ({"config": {"worker": {"max_in_flight": 8}}}, "worker.maxInFlight"),
+], ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
+def test_secrets_in_config_are_refused(tmp_path, bad, message):
+    err = render_fails(tmp_path, REQUIRED_SECRETS, bad)
+    assert message in err, err
+
+
+def test_missing_secrets_fail(tmp_path):
+    err = render_fails(tmp_path, {})
+    assert "secrets.amqpUrl is required" in err, err
+
+
+def test_existing_secret_excludes_inline_secrets(tmp_path):
+    err = render_fails(tmp_path, REQUIRED_SECRETS, {"existingSecret": "mine"})
+    assert "leave `secrets` empty" in err, err
+
+
+def test_hris_endpoint_and_secret_go_together(tmp_path):
+    err = render_fails(tmp_path, REQUIRED_SECRETS,
+                       {"config": {"hris": {"endpoints": {"workday": {"url": "https://h.example/x"}}}}})
+    assert "secrets.hrisSecrets.workday is required" in err, err
+    err = render_fails(tmp_path, REQUIRED_SECRETS, {"secrets": {"hrisSecrets": {"workday": "s"}}})
+    assert "no config.hris.endpoints.workday" in err, err
+
+
+def test_hris_endpoint_names_are_env_safe(tmp_path):
+    render_fails(tmp_path, REQUIRED_SECRETS, {
+        "config": {"hris": {"endpoints": {"Work-Day": {"url": "https://h.example/x"}}}}})
+
+
+# --- image ---------------------------------------------------------------------------------
+
+def test_dockerfile_shape():
+    text = (ROOT / "Dockerfile").read_text()
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert len(froms) >= 2, "multi-stage build"
+    assert re.search(r"cargo build --release --locked", text)
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in {"0", "root"}
+    assert users[-1].split(":")[0] == "10001", "the chart's runAsUser"
+    assert 'ENTRYPOINT ["/usr/local/bin/cxone-offboard"]' in text
+    assert re.search(r'^CMD \["worker"\]', text, re.M)
+    assert re.search(r"^EXPOSE 9090", text, re.M)
+    for label in ("title", "source", "version", "licenses"):
+        assert f"org.opencontainers.image.{label}" in text, label
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert "target" in ignore or "/target" in ignore
+
+
+def test_rate_limit_from_set_is_a_number(tmp_path):
+    """`helm --set ...requests_per_second=2.5` passes a string; the worker gets a number."""
+    docs = render(tmp_path, REQUIRED_SECRETS,
+                  {"config": {"cxone": {"rate_limit": {"requests_per_second": "2.5"}}}})
+    assert rendered_config(docs)["cxone"]["rate_limit"]["requests_per_second"] == 2.5
