@@ -17,6 +17,7 @@
 //! - [`hris`]: the signed HRIS webhook.
 //! - [`store`]: the S3 bucket.
 //! - [`worker`]: wires broker, handler and HTTP together and drains on shutdown.
+//! - [`sim`]: the CXone simulator (`cxone-offboard sim`): the real CXone API plus a `/_sim/` control API.
 //! - [`cli`]: one module per command of the binary.
 
 pub mod archive;
@@ -29,6 +30,7 @@ pub mod hris;
 pub mod http;
 pub mod metrics;
 pub mod saga;
+pub mod sim;
 pub mod store;
 pub mod telemetry;
 pub mod worker;

@@ -42,6 +42,11 @@ pub enum Command {
         after_help = "Example:\n  OFFBOARD__CXONE__ACCESS_KEY_ID=... OFFBOARD__CXONE__ACCESS_KEY_SECRET=... \\\n  OFFBOARD__S3__ENDPOINT=http://127.0.0.1:9000 cxone-offboard worker"
     )]
     Worker,
+    /// Run the CXone simulator: the real CXone API plus a /_sim/ control API, for tests and demos.
+    #[command(
+        after_help = "Example:\n  cxone-offboard sim --listen 127.0.0.1:8088 --users 1000 --rate-limit 200 --burst 50\n  curl -s http://127.0.0.1:8088/_sim/users/E000001"
+    )]
+    Sim(crate::sim::SimArgs),
     /// Verify configuration, broker, bucket and CXone access; print what fails.
     #[command(
         after_help = "Example:\n  OFFBOARD__S3__ENDPOINT=http://127.0.0.1:9000 cxone-offboard check"
@@ -95,6 +100,10 @@ pub async fn run(cli: Cli) -> ExitCode {
     let result = match &cli.command {
         Command::Worker => worker::run(&cli).await,
         Command::Check => check::run(&cli).await,
+        Command::Sim(args) => crate::sim::run(args.clone())
+            .await
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(Failure::from),
         Command::Completions(args) => completions::run(args),
     };
     match result {
