@@ -7,6 +7,8 @@ export OFFBOARD__S3__ENDPOINT ?= http://127.0.0.1:9000
 export AWS_ACCESS_KEY_ID ?= test
 export AWS_SECRET_ACCESS_KEY ?= test
 export AWS_REGION ?= us-east-1
+# Never ask the EC2 metadata service for credentials on a developer machine or in CI.
+export AWS_EC2_METADATA_DISABLED ?= true
 CARGO ?= cargo
 
 .PHONY: help

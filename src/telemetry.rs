@@ -29,7 +29,10 @@ pub fn init(settings: &LogSettings) {
             .with_span_list(false)
             .try_init()
     } else {
-        builder.with_target(false).try_init()
+        builder
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
     };
     // A second init (tests, `demo`) keeps the first subscriber.
     let _ = result;

@@ -36,6 +36,7 @@ pub async fn run(cli: &Cli) -> Result<ExitCode, Failure> {
     report.line("config", Ok(settings.summary()));
     report.line("broker", check_broker(&settings).await);
     report.line("s3", check_s3(&settings).await);
+    report.line("cxone", check_cxone(&settings).await);
     Ok(if report.failed {
         ExitCode::from(super::EXIT_FAILURE)
     } else {
@@ -90,4 +91,14 @@ async fn check_s3(settings: &Settings) -> Result<String, String> {
         .await
         .map(|()| format!("bucket {}{at}", settings.s3.bucket))
         .map_err(|e| format!("{e:#}{at}"))
+}
+
+async fn check_cxone(settings: &Settings) -> Result<String, String> {
+    let client = crate::cxone::Client::new(&settings.cxone, crate::metrics::Metrics::new())
+        .map_err(|e| format!("{e:#}"))?;
+    let endpoints = client.connect().await.map_err(|e| e.to_string())?;
+    Ok(format!(
+        "token ok; API {}; SCIM {}",
+        endpoints.api_base, endpoints.scim_base
+    ))
 }

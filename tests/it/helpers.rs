@@ -103,7 +103,17 @@ impl Names {
         let Ok(ch) = conn.create_channel().await else {
             return;
         };
-        for q in [self.requests(), self.dead(), self.held()] {
+        for q in [
+            self.requests(),
+            self.dead(),
+            self.held(),
+            format!("{}offboard.delay.1s", self.prefix),
+            format!("{}offboard.delay.2s", self.prefix),
+            format!("{}offboard.delay.4s", self.prefix),
+            format!("{}offboard.delay.30s", self.prefix),
+            format!("{}offboard.delay.300s", self.prefix),
+            format!("{}offboard.delay.1800s", self.prefix),
+        ] {
             let _ = ch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
@@ -297,5 +307,223 @@ pub async fn spawn_worker<H: Handler>(settings: Settings, handler: Arc<H>) -> Te
         running,
         shutdown,
         base,
+    }
+}
+
+/// Taps the outcomes exchange: every outcome published after `new` returns.
+pub struct OutcomeTap {
+    _conn: Connection,
+    received: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl OutcomeTap {
+    pub async fn new(exchange: &str) -> Self {
+        use futures_util::StreamExt;
+        use lapin::options::{BasicConsumeOptions, QueueBindOptions};
+        let conn = connect().await.expect("broker");
+        let ch = conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("tap queue");
+        ch.queue_bind(
+            q.name().clone(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind tap");
+        let mut consumer = ch
+            .basic_consume(
+                q.name().clone(),
+                "tap".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume tap");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = received.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = consumer.next().await {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&d.data) {
+                    sink.lock().await.push(v);
+                }
+            }
+        });
+        Self {
+            _conn: conn,
+            received,
+        }
+    }
+
+    pub async fn all(&self) -> Vec<serde_json::Value> {
+        self.received.lock().await.clone()
+    }
+
+    /// Waits until `n` outcomes arrived (or the deadline) and returns them all.
+    pub async fn wait(&self, n: usize, within: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = self.all().await;
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A simulator plus a worker running the real saga against it, the broker and S3.
+pub struct Stack {
+    pub names: Names,
+    pub sim: cxone_offboard::sim::SimServer,
+    pub worker: TestWorker,
+    pub tap: OutcomeTap,
+    pub outside: Outside,
+    pub settings: Settings,
+}
+
+impl Stack {
+    pub fn sim_env(sim: &cxone_offboard::sim::SimServer) -> Vec<(String, String)> {
+        [
+            ("OFFBOARD__CXONE__ISSUER", sim.base_url()),
+            ("OFFBOARD__CXONE__ACCESS_KEY_ID", "sim-key".to_owned()),
+            (
+                "OFFBOARD__CXONE__ACCESS_KEY_SECRET",
+                "sim-secret".to_owned(),
+            ),
+            (
+                "OFFBOARD__CXONE__RATE_LIMIT__REQUESTS_PER_SECOND",
+                "2000".to_owned(),
+            ),
+            ("OFFBOARD__CXONE__RATE_LIMIT__BURST", "200".to_owned()),
+            ("OFFBOARD__WORKER__RETRY_DELAYS_SECS", "1,2,4".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    pub async fn start(sim_opts: cxone_offboard::sim::SimOptions, extra: &[(&str, &str)]) -> Self {
+        assert!(
+            std::env::var_os("AWS_ACCESS_KEY_ID").is_some()
+                && std::env::var_os("AWS_EC2_METADATA_DISABLED").is_some(),
+            "S3 tests need the local server's credentials and no metadata lookups: run them \
+             through `make test` (it exports AWS_ACCESS_KEY_ID=test, AWS_EC2_METADATA_DISABLED=true)"
+        );
+        let names = Names::new();
+        let sim = cxone_offboard::sim::spawn(sim_opts, "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("simulator starts");
+        let mut env: Vec<(String, String)> = Self::sim_env(&sim);
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let settings = names.settings(&pairs);
+        let metrics = Metrics::new();
+        let arc = Arc::new(settings.clone());
+        let (handler, cxone) =
+            cxone_offboard::cli::worker::build_handler(arc.clone(), metrics.clone())
+                .await
+                .map_err(|f| f.error)
+                .expect("handler builds");
+        let shutdown = CancellationToken::new();
+        let running = worker::start(
+            arc,
+            Arc::new(handler),
+            metrics,
+            Some(cxone.circuit_open()),
+            shutdown.clone(),
+        )
+        .await
+        .expect("worker starts");
+        let base = format!("http://{}", running.http_addr);
+        let worker = TestWorker {
+            running,
+            shutdown,
+            base,
+        };
+        assert!(
+            worker.wait_ready(200, Duration::from_secs(15)).await,
+            "worker ready"
+        );
+        let tap = OutcomeTap::new(&names.outcomes()).await;
+        let outside = Outside::new().await;
+        Self {
+            names,
+            sim,
+            worker,
+            tap,
+            outside,
+            settings,
+        }
+    }
+
+    /// Publishes a termination for `external_id` with a fresh event id; returns the id.
+    pub async fn terminate(&self, external_id: &str, data_extra: serde_json::Value) -> String {
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut event = termination(&id, external_id);
+        if let serde_json::Value::Object(extra) = data_extra {
+            for (k, v) in extra {
+                event["data"][k] = v;
+            }
+        }
+        self.publish_event(&event).await;
+        id
+    }
+
+    pub async fn publish_event(&self, event: &serde_json::Value) {
+        let body = serde_json::to_vec(event).expect("json");
+        self.outside
+            .publish(
+                &self.names.events(),
+                "employee.terminated",
+                &body,
+                Some("application/cloudevents+json"),
+            )
+            .await;
+    }
+
+    pub async fn sim_get(&self, path: &str) -> serde_json::Value {
+        reqwest::get(format!("{}{path}", self.sim.base_url()))
+            .await
+            .expect("sim answers")
+            .json()
+            .await
+            .expect("sim json")
+    }
+
+    pub async fn sim_post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let resp = reqwest::Client::new()
+            .post(format!("{}{path}", self.sim.base_url()))
+            .json(&body)
+            .send()
+            .await
+            .expect("sim answers");
+        assert!(resp.status().is_success(), "sim {path}: {}", resp.status());
+        resp.json().await.unwrap_or(serde_json::Value::Null)
+    }
+
+    pub async fn stop(self) {
+        self.worker.stop().await.expect("worker stops cleanly");
+        self.sim.shutdown().await;
+        self.names.cleanup().await;
     }
 }
