@@ -32,6 +32,7 @@ pub async fn run(cli: &Cli) -> Result<ExitCode, Failure> {
             return Ok(ExitCode::from(super::EXIT_USAGE));
         }
     };
+    crate::telemetry::init(&settings.log);
     let mut report = Report { failed: false };
     report.line("config", Ok(settings.summary()));
     report.line("broker", check_broker(&settings).await);
