@@ -5,5 +5,6 @@ mod client;
 mod helpers;
 mod intake;
 mod lifecycle;
+mod process;
 mod saga;
 mod sim;
