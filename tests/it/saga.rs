@@ -282,3 +282,126 @@ async fn a_large_history_is_archived_streamed_checksummed_and_chained() {
     );
     stack.stop().await;
 }
+
+/// A webhook receiver that records what it gets.
+async fn receiver() -> (
+    String,
+    std::sync::Arc<tokio::sync::Mutex<Vec<(axum::http::HeaderMap, bytes::Bytes)>>>,
+) {
+    let got = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    sink.lock().await.push((headers, body));
+                    "ok"
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}"), got)
+}
+
+#[tokio::test]
+async fn the_hris_webhook_is_signed_and_only_configured_endpoints_are_called() {
+    let _shared = BROKER.read().await;
+    let (base, got) = receiver().await;
+    let url = format!("{base}/hook");
+    let stack = Stack::start(
+        sim(10, 1),
+        &[
+            ("OFFBOARD__HRIS__ENDPOINTS__WORKDAY__URL", url.as_str()),
+            ("OFFBOARD__HRIS__ENDPOINTS__WORKDAY__SECRET", "whsec-test"),
+        ],
+    )
+    .await;
+    stack.terminate("E000001", json!({"notify": "workday"})).await;
+    stack.terminate("E000002", json!({"notify": "bamboo"})).await;
+    stack.terminate("E000003", json!({"notify": url})).await;
+    let outcomes = stack.tap.wait(3, Duration::from_secs(60)).await;
+    assert_eq!(by_type(&outcomes, "offboard.saga.completed").len(), 3, "{outcomes:#?}");
+    let requests = got.lock().await.clone();
+    assert_eq!(requests.len(), 1, "only the configured endpoint was called");
+    let (h, body) = &requests[0];
+    let ts = h["x-offboard-timestamp"].to_str().expect("ts");
+    let sig = h["x-offboard-signature"].to_str().expect("sig");
+    assert!(cxone_offboard::hris::verify(b"whsec-test", ts, body, sig));
+    assert!(!cxone_offboard::hris::verify(b"wrong", ts, body, sig));
+    let sent: Value = serde_json::from_slice(body).expect("json body");
+    assert_eq!(sent["employee"]["external_id"], "E000001");
+    for o in &outcomes {
+        let subject = o["subject"].as_str().expect("subject");
+        if subject != "E000001" {
+            let warnings = o["data"]["warnings"].to_string();
+            assert!(warnings.contains("no HRIS endpoint named"), "{o}");
+        }
+    }
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_manifest_already_in_s3_is_kept_and_verified_not_overwritten() {
+    let _shared = BROKER.read().await;
+    let stack = Stack::start(sim(10, 1), &[]).await;
+    let event_id = uuid::Uuid::new_v4().to_string();
+    let saga_id = cxone_offboard::saga::saga_id("hris://test/acme", &event_id);
+    // An earlier run wrote the manifest, then crashed before recording it.
+    let steps = vec![json!({"name": "resolve", "status": "done"})];
+    let chain = archive::hash_chain(&saga_id, &steps);
+    let earlier = json!({
+        "saga_id": saga_id, "event": {"id": event_id}, "steps": steps,
+        "hash_chain": chain, "chain_head": chain[0], "written_by": "an earlier run",
+    });
+    let store = S3::new(&stack.settings.s3).await;
+    let key = archive::manifest_key("E000002", &saga_id);
+    let body = serde_json::to_vec_pretty(&earlier).expect("json");
+    let earlier_sha = hex::encode(Sha256::digest(&body));
+    store
+        .put(
+            &key,
+            body.into(),
+            "application/json",
+            cxone_offboard::store::Write::Create,
+        )
+        .await
+        .expect("pre-write");
+    stack
+        .publish_event(&crate::helpers::termination(&event_id, "E000002"))
+        .await;
+    let outcomes = stack.tap.wait(1, Duration::from_secs(60)).await;
+    assert_eq!(outcomes[0]["type"], "offboard.saga.completed", "{}", outcomes[0]);
+    assert_eq!(outcomes[0]["data"]["manifest"]["sha256"], earlier_sha);
+    let kept = store.get(&key).await.expect("get").expect("manifest");
+    assert_eq!(hex::encode(Sha256::digest(&kept.body)), earlier_sha, "not overwritten");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_paging_loop_fails_the_archive_as_permanent() {
+    let _shared = BROKER.read().await;
+    let stack = Stack::start(sim(5, 250), &[]).await;
+    stack.sim_post("/_sim/faults", json!({"paging_loop": true})).await;
+    stack.terminate("E000001", json!({})).await;
+    let outcomes = stack.tap.wait(1, Duration::from_secs(60)).await;
+    assert_eq!(outcomes[0]["type"], "offboard.saga.failed");
+    assert_eq!(outcomes[0]["data"]["error"]["step"], "archive");
+    assert!(
+        outcomes[0]["data"]["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("paging loops")
+    );
+    // Access was still revoked before the archive.
+    assert!(outcomes[0]["data"]["revoked_at"].is_string());
+    stack.stop().await;
+}
