@@ -215,6 +215,7 @@ pub struct GuardSettings {
 #[serde(deny_unknown_fields)]
 pub struct SafetySettings {
     pub max_live_contact_wait_secs: u64,
+    pub live_contact_poll_secs: u64,
     pub immediate_reasons: Vec<String>,
 }
 
@@ -232,6 +233,23 @@ pub struct WorkerSettings {
     pub max_event_bytes: usize,
     pub archive_lookback_days: u32,
     pub retry_delays_secs: Vec<u64>,
+    pub schedule_buckets_secs: Vec<u64>,
+}
+
+impl WorkerSettings {
+    /// Every delay queue the worker needs: retries, schedule buckets and the live-call poll.
+    pub fn all_delays(&self, safety: &SafetySettings) -> Vec<u64> {
+        let mut all: Vec<u64> = self
+            .retry_delays_secs
+            .iter()
+            .chain(&self.schedule_buckets_secs)
+            .copied()
+            .chain(std::iter::once(safety.live_contact_poll_secs))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
 }
 
 impl WorkerSettings {
@@ -306,6 +324,7 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("safety.immediate_reasons")
                 .with_list_parse_key("worker.retry_delays_secs")
+                .with_list_parse_key("worker.schedule_buckets_secs")
                 .try_parsing(true)
                 .source(Some(env)),
         );
@@ -468,6 +487,24 @@ impl Settings {
             return Err(ConfigError::invalid(
                 "worker.retry_delays_secs",
                 "must list 1 or more delays of 1-86400 seconds",
+            ));
+        }
+        if self.worker.schedule_buckets_secs.is_empty()
+            || self
+                .worker
+                .schedule_buckets_secs
+                .iter()
+                .any(|d| *d == 0 || *d > 86_400)
+        {
+            return Err(ConfigError::invalid(
+                "worker.schedule_buckets_secs",
+                "must list 1 or more buckets of 1-86400 seconds",
+            ));
+        }
+        if !(1..=3600).contains(&self.safety.live_contact_poll_secs) {
+            return Err(ConfigError::invalid(
+                "safety.live_contact_poll_secs",
+                "must be 1-3600",
             ));
         }
         self.http.listen_addr()?;

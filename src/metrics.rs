@@ -39,6 +39,7 @@ pub struct Metrics {
     cxone_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     sagas: Family<StatusLabel, Counter>,
     sagas_parked: Counter,
+    sagas_held: Counter,
     step_seconds: Family<StepLabel, Histogram>,
     time_to_revoke: Histogram,
 }
@@ -144,6 +145,12 @@ impl Metrics {
             "Sagas parked in a delay queue after transient failures",
             sagas_parked.clone(),
         );
+        let sagas_held = Counter::default();
+        registry.register(
+            "sagas_held",
+            "Sagas held by the mass-deletion guard",
+            sagas_held.clone(),
+        );
         let step_seconds = Family::<StepLabel, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.005, 2.0, 16))
         });
@@ -162,6 +169,7 @@ impl Metrics {
             registry: Arc::new(registry),
             sagas,
             sagas_parked,
+            sagas_held,
             step_seconds,
             time_to_revoke,
             cxone_requests,
@@ -241,6 +249,9 @@ impl Metrics {
                 status: status.to_owned(),
             })
             .inc();
+    }
+    pub fn saga_held(&self) {
+        self.sagas_held.inc();
     }
     pub fn saga_parked(&self) {
         self.sagas_parked.inc();

@@ -207,7 +207,12 @@ impl<H: Handler> Consumer<H> {
         let connection = super::connect(amqp, "worker").await?;
         // Declarations get their own channel: a refused one closes it.
         let setup = connection.create_channel().await?;
-        topology::declare(&setup, amqp, &self.settings.worker.retry_delays_secs).await?;
+        topology::declare(
+            &setup,
+            amqp,
+            &self.settings.worker.all_delays(&self.settings.safety),
+        )
+        .await?;
         let _ = setup.close(200, "declared".into()).await;
 
         let channel = connection.create_channel().await?;

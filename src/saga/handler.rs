@@ -7,16 +7,18 @@ use lapin::BasicProperties;
 use super::outcome::AmqpOutcomes;
 use super::{Delivery, Deps, Verdict};
 use crate::broker::consumer::{Context, Handler, Message, Settle};
-use crate::broker::dead_letter::{DeadLetter, ErrorClass};
 use crate::broker::headers;
 use crate::broker::topology::delay_queue_name;
 use crate::cxone::Cxone;
-use crate::event::Command;
 use crate::store::Store;
 
 /// Header counting how often a message was parked after transient failures.
 pub const PARK_COUNT: &str = "x-offboard-park-count";
 pub const PARK_REASON: &str = "x-offboard-park-reason";
+/// Set by `guard release` on messages an operator let through the mass-deletion guard.
+pub const GUARD_RELEASED: &str = "x-offboard-guard-released";
+/// When the guard held the message.
+pub const HELD_AT: &str = "x-offboard-held-at";
 /// Header counting how often a message waited for another worker's lease.
 pub const LEASE_WAITS: &str = "x-offboard-lease-waits";
 
@@ -101,6 +103,33 @@ impl<C: Cxone, S: Store> SagaHandler<C, S> {
                     Err(_) => Settle::Requeue,
                 }
             }
+            Verdict::Defer { secs, reason } => {
+                let queue = delay_queue_name(&settings.amqp, &format!("{secs}s"));
+                let reason = headers::truncate_bytes(&reason, 256);
+                match self
+                    .copy_to(ctx, msg, &queue, &[(PARK_REASON, reason)], None)
+                    .await
+                {
+                    Ok(()) => Settle::Ack,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not defer; returning the message to the queue");
+                        Settle::Requeue
+                    }
+                }
+            }
+            Verdict::Hold => {
+                let at = chrono::Utc::now().to_rfc3339();
+                match self
+                    .copy_to(ctx, msg, &settings.amqp.held_queue, &[(HELD_AT, at)], None)
+                    .await
+                {
+                    Ok(()) => Settle::Ack,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not hold; returning the message to the queue");
+                        Settle::Requeue
+                    }
+                }
+            }
             Verdict::Requeue => {
                 match self
                     .copy_to(ctx, msg, &settings.amqp.requests_queue, &[], None)
@@ -123,39 +152,16 @@ impl<C: Cxone, S: Store> Handler for SagaHandler<C, S> {
             publisher: ctx.publisher.clone(),
             exchange: self.deps.settings.amqp.outcomes_exchange.clone(),
         };
-        let verdict = match &msg.event.command {
-            Command::Terminate(t) => {
-                if crate::event::is_future(t.effective_at, chrono::Utc::now()) {
-                    Verdict::DeadLetter(DeadLetter {
-                        class: ErrorClass::Permanent,
-                        message: "future-dated terminations are not scheduled by this version; \
-                                  replay it on or after its effective_at"
-                            .to_owned(),
-                        step: None,
-                        saga_id: Some(super::saga_id(
-                            msg.event.source.as_str(),
-                            msg.event.id.as_str(),
-                        )),
-                    })
-                } else {
-                    let delivery = Delivery {
-                        redelivered: msg.redelivered || msg.delivery_count() > 0,
-                        parks,
-                        draining: ctx.draining.clone(),
-                    };
-                    self.deps
-                        .run_termination(&msg.event, &delivery, &outcomes)
-                        .await
-                }
-            }
-            Command::Rescind(_) => Verdict::DeadLetter(DeadLetter {
-                class: ErrorClass::Permanent,
-                message: "rescind events are not handled by this version; kept for replay"
-                    .to_owned(),
-                step: None,
-                saga_id: None,
-            }),
+        let delivery = Delivery {
+            redelivered: msg.redelivered || msg.delivery_count() > 0,
+            parks,
+            draining: ctx.draining.clone(),
+            released: msg.header(GUARD_RELEASED).is_some(),
         };
+        let verdict = self
+            .deps
+            .run_termination(&msg.event, &delivery, &outcomes)
+            .await;
         self.settle(verdict, &msg, &ctx, parks).await
     }
 }

@@ -261,6 +261,20 @@ pub struct ManifestRecord {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RescindRecord {
+    pub event_id: String,
+    pub source: String,
+    pub received_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardRecord {
+    /// `admitted` by the window count, or `released` by an operator.
+    pub how: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     pub owner: String,
     pub expires_at: DateTime<Utc>,
@@ -299,6 +313,21 @@ pub struct Journal {
     /// Times the saga was parked after transient failures.
     #[serde(default)]
     pub parks: u32,
+    /// Dry run: what each write step would have done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<serde_json::Map<String, serde_json::Value>>,
+    /// When the agent was first seen in a live contact by the logout step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_contact_since: Option<DateTime<Utc>>,
+    /// A rescind for this saga arrived (it is cancelled or compensated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rescind: Option<RescindRecord>,
+    /// Admitted by the mass-deletion guard (or released by an operator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<GuardRecord>,
+    /// What a rescind undid and what it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation: Option<serde_json::Value>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -340,6 +369,11 @@ impl Journal {
             warnings: Vec::new(),
             lease: None,
             parks: 0,
+            plan: None,
+            live_contact_since: None,
+            rescind: None,
+            guard: None,
+            compensation: None,
             created_at: now,
             updated_at: now,
             completed_at: None,
@@ -372,6 +406,16 @@ impl Journal {
 
     pub fn key(saga_id: &str) -> String {
         format!("sagas/{saga_id}.json")
+    }
+
+    /// The per-employee index entry that lets a rescind find this saga.
+    pub fn index_key(external_id: &str, saga_id: &str) -> String {
+        format!("index/employees/{external_id}/{saga_id}")
+    }
+
+    /// Was any step ever attempted (so a run must read before it writes)?
+    pub fn started(&self) -> bool {
+        self.steps.iter().any(|s| s.attempts > 0)
     }
 
     fn check(&self) -> Result<(), String> {

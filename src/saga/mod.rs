@@ -4,6 +4,8 @@
 //! The saga knows neither lapin nor reqwest nor the AWS SDK: it talks to [`Cxone`],
 //! [`Store`] and [`Outcomes`], with in-memory fakes in the unit tests.
 
+mod compensate;
+pub mod guard;
 pub mod handler;
 pub mod journal;
 pub mod outcome;
@@ -12,6 +14,7 @@ mod steps;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -20,8 +23,10 @@ use crate::config::Settings;
 use crate::cxone::{CALL_LOG, CallRecord, Cxone, CxoneError};
 use crate::event::{Command, Event};
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError};
-use journal::{ErrorRecord, FinalStatus, Journal, Lease, SagaState, StepName, StepStatus, Stored};
+use crate::store::{Store, StoreError, Write};
+use journal::{
+    ErrorRecord, FinalStatus, GuardRecord, Journal, Lease, SagaState, StepName, StepStatus, Stored,
+};
 use outcome::{OutcomeType, Outcomes};
 
 /// Namespace of saga ids (UUID v5 over `source` + `id`).
@@ -48,6 +53,9 @@ pub enum StepError {
     /// Worth another try later (e.g. a notification endpoint down).
     #[error("{0}")]
     Transient(String),
+    /// Not now: come back in `secs` (e.g. the agent is on a live call).
+    #[error("{reason}")]
+    Defer { secs: u64, reason: String },
 }
 
 impl StepError {
@@ -56,7 +64,7 @@ impl StepError {
             Self::Cxone(e) => e.is_transient(),
             Self::Store(e) => e.is_transient() || matches!(e, StoreError::Conflict { .. }),
             Self::Permanent(_) => false,
-            Self::Transient(_) => true,
+            Self::Transient(_) | Self::Defer { .. } => true,
         }
     }
 
@@ -81,6 +89,10 @@ pub enum Verdict {
     Wait,
     /// Shutting down: progress is saved; put the message straight back on the work queue.
     Requeue,
+    /// Not due yet (scheduled, or waiting for a live contact to end): back in `secs`.
+    Defer { secs: u64, reason: String },
+    /// The mass-deletion guard stopped it: park in the held queue for an operator.
+    Hold,
 }
 
 /// Everything a saga needs from the outside.
@@ -114,6 +126,19 @@ pub struct Delivery {
     pub parks: u32,
     /// Cancelled when shutdown begins: stop between steps.
     pub draining: CancellationToken,
+    /// An operator released it from the mass-deletion guard.
+    pub released: bool,
+}
+
+impl Delivery {
+    pub fn new(draining: CancellationToken) -> Self {
+        Self {
+            redelivered: false,
+            parks: 0,
+            draining,
+            released: false,
+        }
+    }
 }
 
 /// State of one run (one delivery) of a saga.
@@ -121,18 +146,36 @@ pub(crate) struct Run<'a, C, S> {
     pub deps: &'a Deps<C, S>,
     pub event: &'a Event,
     pub stored: Stored,
-    /// The journal existed before this run: every write step reads first.
+    /// The saga had started before this run: every write step reads first.
     pub resumed: bool,
+    /// Dry run: read everything, write nothing in CXone or the archive.
+    pub plan: bool,
     pub calls: Arc<std::sync::Mutex<Vec<CallRecord>>>,
 }
 
 /// What a step reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum StepResult {
     Done(Option<String>),
     Skipped(String),
     /// `resolve` found nobody: the saga ends `ALREADY_ABSENT`.
     Absent(String),
+    /// Dry run: what the step would do.
+    Planned(String, serde_json::Value),
+}
+
+/// Picks the largest bucket not longer than `remaining` (the smallest when none is).
+pub fn bucket_for(remaining_secs: i64, buckets: &[u64]) -> u64 {
+    let remaining = u64::try_from(remaining_secs.max(1)).unwrap_or(1);
+    let mut sorted: Vec<u64> = buckets.to_vec();
+    sorted.sort_unstable();
+    sorted
+        .iter()
+        .rev()
+        .find(|b| **b <= remaining)
+        .copied()
+        .or_else(|| sorted.first().copied())
+        .unwrap_or(1)
 }
 
 impl<C: Cxone, S: Store> Deps<C, S> {
@@ -164,6 +207,9 @@ impl<C: Cxone, S: Store> Deps<C, S> {
         calls: Arc<std::sync::Mutex<Vec<CallRecord>>>,
     ) -> Verdict {
         let now = Utc::now();
+        let Command::Terminate(termination) = &event.command else {
+            return self.run_rescind(event, delivery, outcomes).await;
+        };
         let loaded = match journal::load(self.store.as_ref(), &id).await {
             Ok(l) => l,
             Err(e) if e.is_transient() => {
@@ -172,63 +218,115 @@ impl<C: Cxone, S: Store> Deps<C, S> {
                 };
             }
             Err(e) => {
-                return self.fail_without_journal(
-                    &id,
-                    event,
-                    None,
-                    ErrorClass::Permanent,
-                    &e.to_string(),
-                );
+                let mut stored = Stored {
+                    journal: Journal::new(&id, event, now),
+                    etag: None,
+                };
+                return self
+                    .fail_stored(
+                        &mut stored,
+                        None,
+                        ErrorClass::Permanent,
+                        &e.to_string(),
+                        outcomes,
+                    )
+                    .await;
             }
         };
-        let (stored, resumed) = match loaded {
-            Some(mut stored) => {
-                let j = &stored.journal;
-                if j.state.is_final() {
-                    info!(state = ?j.state, "saga already finished; re-publishing its outcome");
-                    return self.republish(&stored.journal, outcomes).await;
-                }
-                if j.leased_by_other(&self.owner, now) && !delivery.redelivered {
-                    info!(owner = ?j.lease.as_ref().map(|l| &l.owner), "saga leased by another worker; waiting");
-                    return Verdict::Wait;
-                }
-                let j = &mut stored.journal;
-                j.lease = Some(self.lease(now));
-                j.state = SagaState::Running;
-                j.error = None;
-                for s in j.steps.iter_mut() {
-                    if s.status == StepStatus::Failed {
-                        s.status = StepStatus::Pending;
+        let due = !crate::event::is_future(termination.effective_at, now);
+        let mut stored = match loaded {
+            Some(stored) => stored,
+            None => {
+                let mut stored = Stored {
+                    journal: Journal::new(&id, event, now),
+                    etag: None,
+                };
+                // A rescind that arrived before its termination cancels it.
+                match compensate::early_rescind(self, event).await {
+                    Ok(Some(r)) => {
+                        stored.journal.rescind = Some(r);
+                        return self.cancel_or_compensate(stored, outcomes).await;
                     }
-                }
-                match journal::save(self.store.as_ref(), &mut stored).await {
-                    Ok(()) => {}
-                    Err(StoreError::Conflict { .. }) => return Verdict::Wait,
+                    Ok(None) => {}
                     Err(e) => {
                         return Verdict::Park {
-                            reason: format!("taking the lease: {e}"),
+                            reason: e.to_string(),
                         };
                     }
                 }
-                (stored, true)
-            }
-            None => {
-                let mut j = Journal::new(&id, event, now);
-                j.lease = Some(self.lease(now));
-                (
-                    Stored {
-                        journal: j,
-                        etag: None,
-                    },
-                    false,
-                )
+                if !due {
+                    return self
+                        .schedule(stored, termination.effective_at, outcomes)
+                        .await;
+                }
+                stored
             }
         };
+        let j = &stored.journal;
+        if j.state.is_final() {
+            info!(state = ?j.state, "saga already finished; re-publishing its outcome");
+            return self.republish(j, outcomes).await;
+        }
+        if j.rescind.is_some() {
+            return self.cancel_or_compensate(stored, outcomes).await;
+        }
+        if !due {
+            let secs = bucket_for(
+                termination
+                    .effective_at
+                    .map(|t| (t.with_timezone(&Utc) - now).num_seconds())
+                    .unwrap_or(1),
+                &self.settings.worker.schedule_buckets_secs,
+            );
+            return Verdict::Defer {
+                secs,
+                reason: "scheduled".to_owned(),
+            };
+        }
+        if j.leased_by_other(&self.owner, now) && !delivery.redelivered {
+            info!(owner = ?j.lease.as_ref().map(|l| &l.owner), "saga leased by another worker; waiting");
+            return Verdict::Wait;
+        }
+        if j.state == SagaState::Held && !delivery.released {
+            info!("saga is held by the mass-deletion guard; keeping it held");
+            return Verdict::Hold;
+        }
+        let released = j.state == SagaState::Held && delivery.released;
+        let resumed = stored.journal.started();
+        if stored.etag.is_some() {
+            let j = &mut stored.journal;
+            j.lease = Some(self.lease(now));
+            j.state = SagaState::Running;
+            j.error = None;
+            if released {
+                j.guard = Some(GuardRecord {
+                    how: "released".to_owned(),
+                    at: now,
+                });
+            }
+            for s in j.steps.iter_mut() {
+                if s.status == StepStatus::Failed {
+                    s.status = StepStatus::Pending;
+                }
+            }
+            match journal::save(self.store.as_ref(), &mut stored).await {
+                Ok(()) => {}
+                Err(StoreError::Conflict { .. }) => return Verdict::Wait,
+                Err(e) => {
+                    return Verdict::Park {
+                        reason: format!("taking the lease: {e}"),
+                    };
+                }
+            }
+        } else {
+            stored.journal.lease = Some(self.lease(now));
+        }
         let mut run = Run {
             deps: self,
             event,
             stored,
             resumed,
+            plan: termination.options.dry_run,
             calls,
         };
         run.drive(delivery, outcomes).await
@@ -241,13 +339,74 @@ impl<C: Cxone, S: Store> Deps<C, S> {
         }
     }
 
+    /// A future-dated termination: journal it, say so once, and wait in the bucketed queues.
+    async fn schedule<O: Outcomes>(
+        &self,
+        mut stored: Stored,
+        effective_at: Option<chrono::DateTime<chrono::FixedOffset>>,
+        outcomes: &O,
+    ) -> Verdict {
+        stored.journal.state = SagaState::Scheduled;
+        stored.journal.status = Some(FinalStatus::Scheduled);
+        match journal::save(self.store.as_ref(), &mut stored).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict { .. }) => return Verdict::Wait,
+            Err(e) => {
+                return Verdict::Park {
+                    reason: format!("saving the schedule: {e}"),
+                };
+            }
+        }
+        if let Err(e) = self.write_index(&stored.journal).await {
+            warn!(error = %e, "could not index the saga by employee");
+        }
+        let extra = json!({ "effective_at": stored.journal.event.effective_at });
+        let out = outcome::build(&stored.journal, OutcomeType::Scheduled, Some(extra));
+        if let Err(e) = outcomes.publish(&out).await {
+            return Verdict::Park {
+                reason: format!("publishing the scheduled outcome: {e}"),
+            };
+        }
+        info!(effective_at = ?effective_at, "termination scheduled");
+        let remaining = effective_at
+            .map(|t| (t.with_timezone(&Utc) - Utc::now()).num_seconds())
+            .unwrap_or(1);
+        Verdict::Defer {
+            secs: bucket_for(remaining, &self.settings.worker.schedule_buckets_secs),
+            reason: "scheduled".to_owned(),
+        }
+    }
+
+    /// Makes the saga findable by employee (for rescinds without a terminated_event_id).
+    pub(crate) async fn write_index(&self, journal: &Journal) -> Result<(), StoreError> {
+        let key = Journal::index_key(&journal.employee.external_id, &journal.saga_id);
+        match self
+            .store
+            .put(
+                &key,
+                bytes::Bytes::from(journal.event.id.clone()),
+                "text/plain",
+                Write::Create,
+            )
+            .await
+        {
+            Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn republish<O: Outcomes>(&self, journal: &Journal, outcomes: &O) -> Verdict {
-        let kind = match journal.state {
-            SagaState::Planned => OutcomeType::Planned,
-            SagaState::Compensated => OutcomeType::Compensated,
-            _ => OutcomeType::Completed,
+        let (kind, extra) = match journal.state {
+            SagaState::Planned => (OutcomeType::Planned, plan_extra(journal)),
+            SagaState::Compensated | SagaState::Cancelled => {
+                (OutcomeType::Compensated, compensation_extra(journal))
+            }
+            _ => (OutcomeType::Completed, None),
         };
-        match outcomes.publish(&outcome::build(journal, kind, None)).await {
+        match outcomes
+            .publish(&outcome::build(journal, kind, extra))
+            .await
+        {
             Ok(()) => Verdict::Settled,
             Err(e) => Verdict::Park {
                 reason: format!("publishing the outcome: {e}"),
@@ -255,23 +414,48 @@ impl<C: Cxone, S: Store> Deps<C, S> {
         }
     }
 
-    /// A failure before any journal exists (or could be read): still one outcome, one dead letter.
-    fn fail_without_journal(
+    /// Fails a saga: journal (best effort), `saga.failed` outcome, dead letter.
+    async fn fail_stored<O: Outcomes>(
         &self,
-        id: &str,
-        _event: &Event,
+        stored: &mut Stored,
         step: Option<StepName>,
         class: ErrorClass,
         message: &str,
+        outcomes: &O,
     ) -> Verdict {
+        let record = ErrorRecord {
+            step: step.map(|s| s.as_str().to_owned()),
+            class: class.as_str().to_owned(),
+            http_status: None,
+            message: message.to_owned(),
+        };
+        let j = &mut stored.journal;
+        j.state = SagaState::Failed;
+        j.status = Some(FinalStatus::Failed);
+        j.error = Some(record);
+        j.completed_at = Some(Utc::now());
+        let out = outcome::build(j, OutcomeType::Failed, None);
+        if let Err(e) = outcomes.publish(&out).await {
+            return Verdict::Park {
+                reason: format!("publishing the failed outcome: {e}"),
+            };
+        }
         self.metrics.saga_finished(FinalStatus::Failed.as_str());
         Verdict::DeadLetter(DeadLetter {
             class,
             message: message.to_owned(),
             step: step.map(|s| s.as_str().to_owned()),
-            saga_id: Some(id.to_owned()),
+            saga_id: Some(stored.journal.saga_id.clone()),
         })
     }
+}
+
+fn plan_extra(journal: &Journal) -> Option<serde_json::Value> {
+    Some(json!({ "plan": journal.plan }))
+}
+
+fn compensation_extra(journal: &Journal) -> Option<serde_json::Value> {
+    Some(json!({ "compensation": journal.compensation }))
 }
 
 impl<C: Cxone, S: Store> Run<'_, C, S> {
@@ -285,12 +469,43 @@ impl<C: Cxone, S: Store> Run<'_, C, S> {
             std::mem::take(&mut *self.calls.lock().unwrap_or_else(|p| p.into_inner()));
         let now = Utc::now();
         let lease = self.deps.lease(now);
+        let created = self.stored.etag.is_none();
         let j = self.journal();
         j.calls.extend(new_calls);
         if j.lease.is_some() {
             j.lease = Some(lease);
         }
-        journal::save(self.deps.store.as_ref(), &mut self.stored).await
+        journal::save(self.deps.store.as_ref(), &mut self.stored).await?;
+        if created && let Err(e) = self.deps.write_index(&self.stored.journal).await {
+            warn!(error = %e, "could not index the saga by employee");
+        }
+        Ok(())
+    }
+
+    /// A checkpoint lost a race: a rescind (or another worker) changed the journal.
+    async fn after_conflict<O: Outcomes>(&mut self, outcomes: &O) -> Verdict {
+        match journal::load(self.deps.store.as_ref(), &self.stored.journal.saga_id).await {
+            Ok(Some(current))
+                if current.journal.rescind.is_some()
+                    && current
+                        .journal
+                        .lease
+                        .as_ref()
+                        .is_some_and(|l| l.owner == self.deps.owner) =>
+            {
+                info!("a rescind arrived while the saga ran; stopping after this step");
+                // Our in-memory progress is newer than the stored one: keep it, take the
+                // rescind and the new ETag from the store.
+                let mut mine = self.stored.journal.clone();
+                mine.rescind = current.journal.rescind.clone();
+                let stored = Stored {
+                    journal: mine,
+                    etag: current.etag,
+                };
+                self.deps.cancel_or_compensate(stored, outcomes).await
+            }
+            _ => Verdict::Wait,
+        }
     }
 
     async fn drive<O: Outcomes>(&mut self, delivery: &Delivery, outcomes: &O) -> Verdict {
@@ -319,7 +534,8 @@ impl<C: Cxone, S: Store> Run<'_, C, S> {
                 Ok(outcome) => {
                     let absent = matches!(outcome, StepResult::Absent(_));
                     {
-                        let rec = self.journal().step_mut(step);
+                        let j = self.journal();
+                        let rec = j.step_mut(step);
                         rec.finished_at = Some(finished);
                         match outcome {
                             StepResult::Done(detail) => {
@@ -330,36 +546,56 @@ impl<C: Cxone, S: Store> Run<'_, C, S> {
                                 rec.status = StepStatus::Skipped;
                                 rec.detail = Some(why);
                             }
+                            StepResult::Planned(detail, plan) => {
+                                rec.status = StepStatus::Planned;
+                                rec.detail = Some(detail);
+                                j.plan
+                                    .get_or_insert_with(Default::default)
+                                    .insert(step.as_str().to_owned(), plan);
+                            }
                         }
                     }
                     if absent {
-                        self.journal().status = Some(FinalStatus::AlreadyAbsent);
-                        let later: Vec<StepName> = StepName::ALL
-                            .into_iter()
-                            .filter(|s| {
-                                *s > StepName::Resolve
-                                    && !matches!(
-                                        s,
-                                        StepName::Manifest | StepName::Notify | StepName::Outcome
-                                    )
-                            })
-                            .collect();
-                        for s in later {
-                            let rec = self.journal().step_mut(s);
-                            rec.status = StepStatus::Skipped;
-                            rec.detail = Some("user not found in CXone".to_owned());
-                        }
+                        self.mark_absent();
+                    }
+                    if step == StepName::Resolve
+                        && !absent
+                        && !self.plan
+                        && let Some(verdict) = self.admit(delivery, outcomes).await
+                    {
+                        return verdict;
                     }
                     if step == StepName::RevokeKeys && self.stored.journal.revoked_at.is_none() {
                         self.record_revoked(finished);
                     }
-                    if self.checkpoint_after(step)
-                        && let Err(e) = self.checkpoint().await
-                    {
-                        return self
-                            .on_error(step, StepError::Store(e), delivery, outcomes)
-                            .await;
+                    if self.checkpoint_after(step) {
+                        match self.checkpoint().await {
+                            Ok(()) => {}
+                            Err(StoreError::Conflict { .. }) => {
+                                return self.after_conflict(outcomes).await;
+                            }
+                            Err(e) => {
+                                return self
+                                    .on_error(step, StepError::Store(e), delivery, outcomes)
+                                    .await;
+                            }
+                        }
                     }
+                }
+                Err(StepError::Defer { secs, reason }) => {
+                    let rec = self.journal().step_mut(step);
+                    rec.finished_at = Some(finished);
+                    rec.detail = Some(reason.clone());
+                    self.journal().lease = None;
+                    self.journal().state = SagaState::Parked;
+                    if let Err(e) = self.checkpoint().await {
+                        warn!(error = %e, "could not save the journal before waiting");
+                    }
+                    info!(step = step.as_str(), secs, %reason, "step deferred");
+                    return Verdict::Defer { secs, reason };
+                }
+                Err(StepError::Store(StoreError::Conflict { .. })) => {
+                    return self.after_conflict(outcomes).await;
                 }
                 Err(e) => {
                     self.journal().step_mut(step).finished_at = Some(finished);
@@ -370,11 +606,81 @@ impl<C: Cxone, S: Store> Run<'_, C, S> {
         self.complete(outcomes).await
     }
 
+    fn mark_absent(&mut self) {
+        self.journal().status = Some(FinalStatus::AlreadyAbsent);
+        for s in StepName::ALL {
+            if s > StepName::Resolve
+                && !matches!(s, StepName::Manifest | StepName::Notify | StepName::Outcome)
+            {
+                let rec = self.journal().step_mut(s);
+                rec.status = StepStatus::Skipped;
+                rec.detail = Some("user not found in CXone".to_owned());
+            }
+        }
+    }
+
+    /// The mass-deletion guard, between resolve and the first destructive call.
+    async fn admit<O: Outcomes>(&mut self, delivery: &Delivery, outcomes: &O) -> Option<Verdict> {
+        if self.stored.journal.guard.is_some() {
+            return None;
+        }
+        if delivery.released {
+            self.journal().guard = Some(GuardRecord {
+                how: "released".to_owned(),
+                at: Utc::now(),
+            });
+            return None;
+        }
+        match guard::admit(
+            self.deps.store.as_ref(),
+            &self.deps.settings.guard,
+            &self.stored.journal.saga_id,
+        )
+        .await
+        {
+            Ok(true) => {
+                self.journal().guard = Some(GuardRecord {
+                    how: "admitted".to_owned(),
+                    at: Utc::now(),
+                });
+                None
+            }
+            Ok(false) => {
+                warn!("mass-deletion guard: window full; holding the saga for an operator");
+                self.deps.metrics.saga_held();
+                let j = self.journal();
+                j.state = SagaState::Held;
+                j.lease = None;
+                if let Err(e) = self.checkpoint().await {
+                    return Some(Verdict::Park {
+                        reason: format!("saving the held journal: {e}"),
+                    });
+                }
+                let extra = json!({
+                    "guard": {
+                        "max_destructive_per_window": self.deps.settings.guard.max_destructive_per_window,
+                        "window_secs": self.deps.settings.guard.window_secs,
+                    }
+                });
+                let out = outcome::build(&self.stored.journal, OutcomeType::Held, Some(extra));
+                if let Err(e) = outcomes.publish(&out).await {
+                    return Some(Verdict::Park {
+                        reason: format!("publishing the held outcome: {e}"),
+                    });
+                }
+                Some(Verdict::Hold)
+            }
+            Err(e) => Some(Verdict::Park {
+                reason: format!("mass-deletion guard: {e}"),
+            }),
+        }
+    }
+
     fn record_revoked(&mut self, at: DateTime<Utc>) {
         let j = self.journal();
         let revoked = [StepName::BlockLogin, StepName::Logout, StepName::RevokeKeys]
             .iter()
-            .all(|s| j.step(*s).status.is_settled());
+            .all(|s| matches!(j.step(*s).status, StepStatus::Done | StepStatus::Skipped));
         if revoked && j.status != Some(FinalStatus::AlreadyAbsent) {
             j.revoked_at = Some(at);
             let since = j
@@ -394,7 +700,7 @@ impl<C: Cxone, S: Store> Run<'_, C, S> {
         match step {
             // The first write: creates the journal with the before-images, before any change.
             StepName::Resolve => true,
-            StepName::RevokeKeys => true,
+            StepName::RevokeKeys => !self.plan,
             StepName::Archive => self.stored.journal.step(step).status == StepStatus::Done,
             _ => false,
         }
@@ -501,21 +807,31 @@ impl<C: Cxone, S: Store> Run<'_, C, S> {
 
     async fn complete<O: Outcomes>(&mut self, outcomes: &O) -> Verdict {
         let now = Utc::now();
+        let plan = self.plan;
         {
             let j = self.journal();
-            if j.status.is_none() {
-                let delete = j.step(StepName::Delete);
-                j.status = Some(if delete.status == StepStatus::Done {
-                    FinalStatus::Deleted
-                } else {
-                    FinalStatus::DeactivatedOnly
-                });
+            if plan {
+                j.status = Some(FinalStatus::Planned);
+                j.state = SagaState::Planned;
+            } else {
+                if j.status.is_none() {
+                    let delete = j.step(StepName::Delete);
+                    j.status = Some(if delete.status == StepStatus::Done {
+                        FinalStatus::Deleted
+                    } else {
+                        FinalStatus::DeactivatedOnly
+                    });
+                }
+                j.state = SagaState::Completed;
             }
-            j.state = SagaState::Completed;
             j.lease = None;
             j.completed_at = Some(now);
             let rec = j.step_mut(StepName::Outcome);
-            rec.status = StepStatus::Done;
+            rec.status = if plan {
+                StepStatus::Planned
+            } else {
+                StepStatus::Done
+            };
             rec.attempts += 1;
             rec.started_at = Some(now);
             rec.finished_at = Some(now);
@@ -526,7 +842,12 @@ impl<C: Cxone, S: Store> Run<'_, C, S> {
                 reason: format!("saving the completed journal: {e}"),
             };
         }
-        let out = outcome::build(&self.stored.journal, OutcomeType::Completed, None);
+        let (kind, extra) = if plan {
+            (OutcomeType::Planned, plan_extra(&self.stored.journal))
+        } else {
+            (OutcomeType::Completed, None)
+        };
+        let out = outcome::build(&self.stored.journal, kind, extra);
         if let Err(e) = outcomes.publish(&out).await {
             return Verdict::Park {
                 reason: format!("publishing the outcome: {e}"),
@@ -539,15 +860,9 @@ impl<C: Cxone, S: Store> Run<'_, C, S> {
             .map(FinalStatus::as_str)
             .unwrap_or("DELETED");
         self.deps.metrics.saga_finished(status);
-        info!(status, "saga completed");
+        info!(status, "saga finished");
         Verdict::Settled
     }
-}
-
-/// Runs a rescind or termination according to its command. Rescinds are handled in
-/// [`handler`]; this is the termination entry used by tests.
-pub fn is_termination(event: &Event) -> bool {
-    matches!(event.command, Command::Terminate(_))
 }
 
 #[cfg(test)]

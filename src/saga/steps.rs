@@ -2,6 +2,7 @@
 //! (an inactive agent, a removed skill, a deleted user, a 404 on a deleted key) counts as done.
 
 use chrono::Utc;
+use serde_json::json;
 use tracing::{debug, info};
 
 use super::journal::StepName;
@@ -26,13 +27,16 @@ pub(crate) async fn execute<C: Cxone, S: Store>(
             if !options.terminate_sessions {
                 return Ok(StepResult::Skipped("terminate_sessions=false".to_owned()));
             }
-            logout(run).await
+            logout(run, t.reason.as_deref()).await
         }
         StepName::RevokeKeys => revoke_keys(run).await,
         StepName::UnassignSkills => unassign_skills(run).await,
         StepName::Archive => {
             if !options.archive_interactions {
                 return Ok(StepResult::Skipped("archive_interactions=false".to_owned()));
+            }
+            if run.plan {
+                return plan_archive(run, options.archive_lookback_days).await;
             }
             crate::archive::archive_step(run, options.archive_lookback_days).await
         }
@@ -42,8 +46,27 @@ pub(crate) async fn execute<C: Cxone, S: Store>(
                     "delete_user=false: deactivated only".to_owned(),
                 ));
             }
+            if run.plan {
+                let user = run
+                    .stored
+                    .journal
+                    .employee
+                    .user_id
+                    .clone()
+                    .unwrap_or_default();
+                return Ok(StepResult::Planned(
+                    format!("would deactivate (soft-delete) user {user}"),
+                    json!({ "action": "deactivate_user", "user_id": user }),
+                ));
+            }
             delete(run).await
         }
+        StepName::Manifest if run.plan => {
+            Ok(StepResult::Skipped("dry run: no manifest".to_owned()))
+        }
+        StepName::Notify if run.plan => Ok(StepResult::Skipped(
+            "dry run: the HRIS is not notified".to_owned(),
+        )),
         StepName::Manifest => crate::archive::manifest_step(run).await,
         StepName::Notify => crate::hris::notify_step(run, t.notify.as_deref()).await,
         StepName::Outcome => Ok(StepResult::Done(None)),
@@ -148,6 +171,17 @@ async fn block_login<C: Cxone, S: Store>(run: &mut Run<'_, C, S>) -> Result<Step
     let Some(agent) = run.stored.journal.before.agent.clone() else {
         return Ok(StepResult::Skipped("no agent record".to_owned()));
     };
+    if run.plan {
+        let detail = if agent.is_active {
+            format!("would set isActive=false on agent {}", agent.agent_id)
+        } else {
+            format!("agent {} is already inactive", agent.agent_id)
+        };
+        return Ok(StepResult::Planned(
+            detail,
+            json!({ "action": "deactivate_agent", "agent_id": agent.agent_id, "currently_active": agent.is_active }),
+        ));
+    }
     let active = if run.resumed {
         match cxone.get_agent(&agent.agent_id.to_string()).await? {
             Some(a) => a.is_active,
@@ -165,7 +199,10 @@ async fn block_login<C: Cxone, S: Store>(run: &mut Run<'_, C, S>) -> Result<Step
     Ok(StepResult::Done(Some("agent isActive=false".to_owned())))
 }
 
-async fn logout<C: Cxone, S: Store>(run: &mut Run<'_, C, S>) -> Result<StepResult, StepError> {
+async fn logout<C: Cxone, S: Store>(
+    run: &mut Run<'_, C, S>,
+    reason: Option<&str>,
+) -> Result<StepResult, StepError> {
     let cxone = run.deps.cxone.clone();
     let Some(agent_id) = run.stored.journal.employee.agent_id else {
         return Ok(StepResult::Skipped("no agent record".to_owned()));
@@ -176,12 +213,52 @@ async fn logout<C: Cxone, S: Store>(run: &mut Run<'_, C, S>) -> Result<StepResul
         .map(|s| s.agent_state_name.clone())
         .unwrap_or_default();
     if state.is_none() || name.eq_ignore_ascii_case("LoggedOut") {
+        if run.plan {
+            return Ok(StepResult::Planned(
+                "no live session to end".to_owned(),
+                json!({ "action": "none", "state": name }),
+            ));
+        }
         return Ok(StepResult::Done(Some("no live session".to_owned())));
     }
+    let live = state.as_ref().is_some_and(|s| s.on_live_interaction());
+    if run.plan {
+        return Ok(StepResult::Planned(
+            format!("would end the session (agent is {name})"),
+            json!({ "action": "logout", "state": name, "live_contact": live }),
+        ));
+    }
+    let safety = &run.deps.settings.safety;
+    let immediate = reason.is_some_and(|r| {
+        safety
+            .immediate_reasons
+            .iter()
+            .any(|i| i.eq_ignore_ascii_case(r))
+    });
+    let mut waited = None;
+    if live && !immediate {
+        let now = Utc::now();
+        let since = *run.stored.journal.live_contact_since.get_or_insert(now);
+        let secs = (now - since).num_seconds().max(0);
+        if secs < i64::try_from(safety.max_live_contact_wait_secs).unwrap_or(i64::MAX) {
+            return Err(StepError::Defer {
+                secs: safety.live_contact_poll_secs,
+                reason: format!(
+                    "agent is in a live contact ({name}); login is blocked, logout waits \
+                     (waited {secs}s of {}s)",
+                    safety.max_live_contact_wait_secs
+                ),
+            });
+        }
+        waited = Some(secs);
+    }
     cxone.logout(agent_id).await?;
-    Ok(StepResult::Done(Some(format!(
-        "session ended (was {name})"
-    ))))
+    let detail = match waited {
+        Some(secs) => format!("session ended after waiting {secs}s for a live contact ({name})"),
+        None if live => format!("session ended at once (reason is immediate; was {name})"),
+        None => format!("session ended (was {name})"),
+    };
+    Ok(StepResult::Done(Some(detail)))
 }
 
 async fn revoke_keys<C: Cxone, S: Store>(run: &mut Run<'_, C, S>) -> Result<StepResult, StepError> {
@@ -201,6 +278,13 @@ async fn revoke_keys<C: Cxone, S: Store>(run: &mut Run<'_, C, S>) -> Result<Step
     };
     if keys.is_empty() {
         return Ok(StepResult::Skipped("no access keys".to_owned()));
+    }
+    if run.plan {
+        let ids: Vec<&str> = keys.iter().map(|k| k.access_key_id.as_str()).collect();
+        return Ok(StepResult::Planned(
+            format!("would delete {} access keys", ids.len()),
+            json!({ "action": "delete_access_keys", "count": ids.len(), "access_key_ids": ids }),
+        ));
     }
     let mut removed = 0;
     for key in &keys {
@@ -230,6 +314,16 @@ async fn unassign_skills<C: Cxone, S: Store>(
     let skills = cxone.agent_skills(agent_id).await?;
     if skills.is_empty() {
         return Ok(StepResult::Skipped("no skills assigned".to_owned()));
+    }
+    if run.plan {
+        let list: Vec<_> = skills
+            .iter()
+            .map(|s| json!({ "skillId": s.skill_id, "skillName": s.skill_name, "proficiency": s.proficiency }))
+            .collect();
+        return Ok(StepResult::Planned(
+            format!("would remove {} skills", list.len()),
+            json!({ "action": "remove_skills", "count": list.len(), "skills": list }),
+        ));
     }
     // Keep the before-image (with proficiency) durable before removing anything.
     if run.stored.journal.before.skills.is_none() {
@@ -261,6 +355,27 @@ async fn unassign_skills<C: Cxone, S: Store>(
     ))))
 }
 
+async fn plan_archive<C: Cxone, S: Store>(
+    run: &mut Run<'_, C, S>,
+    lookback_days: u32,
+) -> Result<StepResult, StepError> {
+    let Some(agent_id) = run.stored.journal.employee.agent_id else {
+        return Ok(StepResult::Skipped("no agent record".to_owned()));
+    };
+    let end = Utc::now();
+    let start = end - chrono::Duration::days(i64::from(lookback_days));
+    let page = run
+        .deps
+        .cxone
+        .contacts_page(agent_id, start, end, None)
+        .await?;
+    let count = page.total.unwrap_or(page.records.len() as u64);
+    Ok(StepResult::Planned(
+        format!("would archive {count} contacts from the last {lookback_days} days"),
+        json!({ "action": "archive", "contacts": count, "lookback_days": lookback_days }),
+    ))
+}
+
 async fn delete<C: Cxone, S: Store>(run: &mut Run<'_, C, S>) -> Result<StepResult, StepError> {
     let cxone = run.deps.cxone.clone();
     let Some(user_id) = run.stored.journal.employee.user_id.clone() else {
@@ -272,8 +387,7 @@ async fn delete<C: Cxone, S: Store>(run: &mut Run<'_, C, S>) -> Result<StepResul
                 &run.stored.journal.employee.external_id,
             ))
             .await?;
-        let still_live = users.iter().any(|u| u.id == user_id && !u.is_deleted());
-        if !still_live {
+        if users.iter().any(|u| u.id == user_id && u.is_deleted()) {
             return Ok(StepResult::Done(Some("user already DELETED".to_owned())));
         }
     }

@@ -325,9 +325,8 @@ fn deps(cxone: FakeCxone) -> Deps<FakeCxone, Memory> {
 
 fn delivery(parks: u32) -> Delivery {
     Delivery {
-        redelivered: false,
         parks,
-        draining: CancellationToken::new(),
+        ..Delivery::new(CancellationToken::new())
     }
 }
 

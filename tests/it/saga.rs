@@ -292,15 +292,13 @@ async fn receiver() -> (
     let sink = got.clone();
     let app = axum::Router::new().route(
         "/hook",
-        axum::routing::post(
-            move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
-                let sink = sink.clone();
-                async move {
-                    sink.lock().await.push((headers, body));
-                    "ok"
-                }
-            },
-        ),
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().await.push((headers, body));
+                "ok"
+            }
+        }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -325,11 +323,19 @@ async fn the_hris_webhook_is_signed_and_only_configured_endpoints_are_called() {
         ],
     )
     .await;
-    stack.terminate("E000001", json!({"notify": "workday"})).await;
-    stack.terminate("E000002", json!({"notify": "bamboo"})).await;
+    stack
+        .terminate("E000001", json!({"notify": "workday"}))
+        .await;
+    stack
+        .terminate("E000002", json!({"notify": "bamboo"}))
+        .await;
     stack.terminate("E000003", json!({"notify": url})).await;
     let outcomes = stack.tap.wait(3, Duration::from_secs(60)).await;
-    assert_eq!(by_type(&outcomes, "offboard.saga.completed").len(), 3, "{outcomes:#?}");
+    assert_eq!(
+        by_type(&outcomes, "offboard.saga.completed").len(),
+        3,
+        "{outcomes:#?}"
+    );
     let requests = got.lock().await.clone();
     assert_eq!(requests.len(), 1, "only the configured endpoint was called");
     let (h, body) = &requests[0];
@@ -379,10 +385,18 @@ async fn a_manifest_already_in_s3_is_kept_and_verified_not_overwritten() {
         .publish_event(&crate::helpers::termination(&event_id, "E000002"))
         .await;
     let outcomes = stack.tap.wait(1, Duration::from_secs(60)).await;
-    assert_eq!(outcomes[0]["type"], "offboard.saga.completed", "{}", outcomes[0]);
+    assert_eq!(
+        outcomes[0]["type"], "offboard.saga.completed",
+        "{}",
+        outcomes[0]
+    );
     assert_eq!(outcomes[0]["data"]["manifest"]["sha256"], earlier_sha);
     let kept = store.get(&key).await.expect("get").expect("manifest");
-    assert_eq!(hex::encode(Sha256::digest(&kept.body)), earlier_sha, "not overwritten");
+    assert_eq!(
+        hex::encode(Sha256::digest(&kept.body)),
+        earlier_sha,
+        "not overwritten"
+    );
     stack.stop().await;
 }
 
@@ -390,7 +404,9 @@ async fn a_manifest_already_in_s3_is_kept_and_verified_not_overwritten() {
 async fn a_paging_loop_fails_the_archive_as_permanent() {
     let _shared = BROKER.read().await;
     let stack = Stack::start(sim(5, 250), &[]).await;
-    stack.sim_post("/_sim/faults", json!({"paging_loop": true})).await;
+    stack
+        .sim_post("/_sim/faults", json!({"paging_loop": true}))
+        .await;
     stack.terminate("E000001", json!({})).await;
     let outcomes = stack.tap.wait(1, Duration::from_secs(60)).await;
     assert_eq!(outcomes[0]["type"], "offboard.saga.failed");

@@ -1,0 +1,170 @@
+//! The mass-deletion guard: at most `guard.max_destructive_per_window` sagas start destroying
+//! access within any `guard.window_secs`, counted across every replica through one S3 object
+//! updated with compare-and-swap (`guard/window.json`). Past the limit, sagas are held for an
+//! operator (`cxone-offboard guard release`).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::GuardSettings;
+use crate::store::{Store, StoreError, Write};
+
+pub const WINDOW_KEY: &str = "guard/window.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Admission {
+    pub saga_id: String,
+    pub at: DateTime<Utc>,
+}
+
+/// The sliding window: admissions younger than `window_secs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    pub admitted: Vec<Admission>,
+}
+
+impl Window {
+    pub fn prune(&mut self, now: DateTime<Utc>, window_secs: u64) {
+        let horizon =
+            now - chrono::Duration::seconds(i64::try_from(window_secs).unwrap_or(i64::MAX / 4));
+        self.admitted.retain(|a| a.at > horizon);
+    }
+
+    /// When the oldest admission leaves the window (a slot frees up).
+    pub fn next_free(&self, window_secs: u64) -> Option<DateTime<Utc>> {
+        self.admitted
+            .iter()
+            .map(|a| a.at)
+            .min()
+            .map(|t| t + chrono::Duration::seconds(i64::try_from(window_secs).unwrap_or(0)))
+    }
+}
+
+/// Reads the window now (for `guard status`).
+pub async fn read<S: Store>(store: &S, settings: &GuardSettings) -> Result<Window, StoreError> {
+    let mut w = match store.get(WINDOW_KEY).await? {
+        Some(obj) => serde_json::from_slice(&obj.body).unwrap_or_default(),
+        None => Window::default(),
+    };
+    w.prune(Utc::now(), settings.window_secs);
+    Ok(w)
+}
+
+/// Admits `saga_id` if the window has room (idempotent); `false` means hold it.
+pub async fn admit<S: Store>(
+    store: &S,
+    settings: &GuardSettings,
+    saga_id: &str,
+) -> Result<bool, StoreError> {
+    for attempt in 0..64u32 {
+        let now = Utc::now();
+        let (mut window, write) = match store.get(WINDOW_KEY).await? {
+            Some(obj) => (
+                serde_json::from_slice::<Window>(&obj.body).unwrap_or_default(),
+                Write::Replace(obj.etag),
+            ),
+            None => (Window::default(), Write::Create),
+        };
+        window.prune(now, settings.window_secs);
+        if window.admitted.iter().any(|a| a.saga_id == saga_id) {
+            return Ok(true);
+        }
+        if window.admitted.len() >= settings.max_destructive_per_window as usize {
+            return Ok(false);
+        }
+        window.admitted.push(Admission {
+            saga_id: saga_id.to_owned(),
+            at: now,
+        });
+        let body = serde_json::to_vec(&window).unwrap_or_default();
+        match store
+            .put(WINDOW_KEY, Bytes::from(body), "application/json", write)
+            .await
+        {
+            Ok(_) => return Ok(true),
+            Err(StoreError::Conflict { .. }) => {
+                // Someone else admitted a saga meanwhile: read again, after a jittered pause.
+                let cap = 5 * u64::from(attempt.min(10) + 1);
+                let ms = rand::rng().random_range(1..=cap);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::Transient {
+        op: "PUT",
+        key: WINDOW_KEY.to_owned(),
+        message: "too much contention on the guard window".to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Memory;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn exactly_the_limit_is_admitted_under_concurrency() {
+        let store = Arc::new(Memory::default());
+        let settings = GuardSettings {
+            max_destructive_per_window: 10,
+            window_secs: 3600,
+        };
+        let mut tasks = Vec::new();
+        for i in 0..25 {
+            let store = store.clone();
+            let settings = settings.clone();
+            tasks.push(tokio::spawn(async move {
+                admit(store.as_ref(), &settings, &format!("saga-{i}")).await
+            }));
+        }
+        let mut admitted = 0;
+        for t in tasks {
+            if t.await.expect("join").expect("admit") {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 10);
+        // Idempotent for an admitted saga.
+        let w = read(store.as_ref(), &settings).await.expect("read");
+        let first = w.admitted[0].saga_id.clone();
+        assert!(
+            admit(store.as_ref(), &settings, &first)
+                .await
+                .expect("admit")
+        );
+        assert_eq!(
+            read(store.as_ref(), &settings)
+                .await
+                .expect("read")
+                .admitted
+                .len(),
+            10
+        );
+    }
+
+    #[test]
+    fn old_admissions_leave_the_window() {
+        let now = Utc::now();
+        let mut w = Window {
+            admitted: vec![
+                Admission {
+                    saga_id: "old".into(),
+                    at: now - chrono::Duration::seconds(100),
+                },
+                Admission {
+                    saga_id: "new".into(),
+                    at: now - chrono::Duration::seconds(10),
+                },
+            ],
+        };
+        w.prune(now, 60);
+        assert_eq!(w.admitted.len(), 1);
+        assert_eq!(w.admitted[0].saga_id, "new");
+    }
+}
