@@ -18,10 +18,12 @@ pub struct Args {
 pub enum DlqCommand {
     /// Show dead letters (oldest first) without consuming them.
     #[command(
-        after_help = "The messages are taken unacknowledged and handed back by closing the \
-                  channel, so nothing is lost and the order is kept. Each listing counts as a \
-                  delivery in the quorum queue's x-delivery-count; the dead queue has no \
-                  delivery limit, so that is harmless.\n\n\
+        after_help = "The messages are taken unacknowledged and handed back one by one in \
+                  their order (basic.nack with requeue), so nothing is lost and the order is \
+                  kept; the whole queue is read even with --limit, because older brokers put \
+                  requeued messages at the tail. A listing may count as a delivery in the \
+                  quorum queue's x-delivery-count; the dead queue has no delivery limit, so that \
+                  is harmless (see docs/operations.md).\n\n\
                   Examples:\n  cxone-offboard dlq list\n  cxone-offboard dlq list --limit 20\n  \
                   cxone-offboard dlq list --json | jq '.[] | select(.class == \"permanent\")'"
     )]
