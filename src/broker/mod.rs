@@ -4,6 +4,7 @@
 pub mod consumer;
 pub mod dead_letter;
 pub mod headers;
+pub mod inspect;
 pub mod publisher;
 pub mod topology;
 

@@ -2,6 +2,11 @@
 
 pub mod check;
 pub mod completions;
+pub mod dlq;
+pub mod publish;
+pub mod replay;
+pub mod saga;
+pub mod verify;
 pub mod worker;
 
 use std::path::PathBuf;
@@ -57,6 +62,20 @@ pub enum Command {
         after_help = "Example:\n  cxone-offboard completions bash > /etc/bash_completion.d/cxone-offboard"
     )]
     Completions(completions::Args),
+    /// Publish termination events in bulk from an HR export (CSV or JSON lines), with a progress bar.
+    Publish(publish::Args),
+    /// Inspect the dead-letter queue without consuming it.
+    #[command(after_help = "Example:\n  cxone-offboard dlq list --limit 50")]
+    Dlq(dlq::Args),
+    /// Move matching dead letters back to the work queue (each copy confirmed before its original is removed).
+    Replay(replay::Args),
+    /// Read saga journals from S3.
+    #[command(
+        after_help = "Examples:\n  cxone-offboard saga list --status failed\n  cxone-offboard saga show SAGA_ID"
+    )]
+    Saga(saga::Args),
+    /// Recompute a manifest's hash chain and its archive's checksum; exit 1 on mismatch.
+    Verify(verify::Args),
 }
 
 /// A failure with the exit code it deserves.
@@ -105,6 +124,11 @@ pub async fn run(cli: Cli) -> ExitCode {
             .map(|()| ExitCode::SUCCESS)
             .map_err(Failure::from),
         Command::Completions(args) => completions::run(args),
+        Command::Publish(args) => publish::run(&cli, args).await,
+        Command::Dlq(args) => dlq::run(&cli, args).await,
+        Command::Replay(args) => replay::run(&cli, args).await,
+        Command::Saga(args) => saga::run(&cli, args).await,
+        Command::Verify(args) => verify::run(&cli, args).await,
     };
     match result {
         Ok(code) => code,

@@ -5,6 +5,7 @@ mod client;
 mod helpers;
 mod intake;
 mod lifecycle;
+mod ops;
 mod process;
 mod saga;
 mod sim;
