@@ -1,20 +1,20 @@
-//! Reading the dead-letter queue without losing or reordering it: messages are taken with
-//! `basic.get` and left unacked; at the end each one still held is handed back with
-//! `basic.nack(requeue)`, one at a time in delivery order, and then the channel is closed.
-//! `dlq list` only looks; `replay` acks the ones whose copy it has published.
+//! Reading a parked-message queue (`offboard.dead`, `offboard.held`) without losing or
+//! reordering anything. Messages are taken with `basic.get` and left unacked; one the caller
+//! keeps is *rotated* — a confirmed copy to the tail of the same queue, then the ack — and the
+//! rest of the snapshot is rotated at the end, so after a pass the queue holds the same messages
+//! in the same order. `dlq list` only looks; `replay` and `guard release` ack the ones whose
+//! copy they have published elsewhere.
 //!
-//! How the order is kept, on every broker version: a channel close returns a quorum queue's
-//! unacked messages in one batch whose order RabbitMQ before 3.13 does not keep (measured on
-//! 3.10: 50 messages came back shuffled), and a requeueing nack puts the message at the tail
-//! there (4.x puts it back in its original position). So [`DeadReader::close`] first takes the
-//! rest of the snapshot, then nacks every message still held one at a time in delivery order:
-//! the whole snapshot goes back in its original order. Dead letters that arrive during the read
-//! may end up ahead of it on old brokers. If the process dies mid-read the broker still returns
-//! everything (nothing is lost), but on old brokers the order of those messages may change.
+//! Why rotation and not requeue: a channel close returns a quorum queue's unacked messages in
+//! a batch whose order RabbitMQ before 3.13 does not keep, and a requeueing nack puts a message
+//! at the tail on 3.x (measured on 3.10: 50 messages came back shuffled or rotated). Rotation
+//! relies on nothing but publish order. It costs one publish per message kept; a crash mid-pass
+//! loses nothing and doubles at most the one message between its copy and its ack. Messages
+//! that arrive during a pass end up between rotated ones.
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
@@ -122,20 +122,25 @@ fn first_death(table: Option<&FieldTable>) -> Option<&FieldTable> {
     }
 }
 
-/// A one-pass reader over a snapshot of the dead queue. Every message it hands out stays
-/// unacked (and so safe) until [`DeadReader::ack`]; [`DeadReader::close`] returns the rest.
+/// A one-pass reader over a snapshot of a queue (the dead queue, the held queue). A message it
+/// hands out stays unacked until the caller either [`DeadReader::ack`]s it (its copy is safe
+/// elsewhere) or asks for the next one; then the message it kept is *rotated*: a copy with the
+/// same properties is published to the tail of the same queue, confirmed, and only then is the
+/// original acked. After a full pass the snapshot is back in its original order, on every
+/// broker version, and a crash anywhere loses nothing (at worst one message is doubled).
 pub struct DeadReader {
     channel: Channel,
+    publisher: super::publisher::Publisher,
     queue: String,
     snapshot: u32,
     taken: usize,
-    /// Delivery tags handed out and not acked, in delivery order.
-    held: std::collections::BTreeSet<u64>,
+    /// The message last handed out, not yet acked or rotated.
+    pending: Option<(u64, BasicProperties, Vec<u8>)>,
 }
 
 impl DeadReader {
-    /// Opens a channel and notes how many messages the queue holds now: the reader never
-    /// looks at more than that, so it ends even while new dead letters arrive.
+    /// Opens channels and notes how many messages the queue holds now: the reader never
+    /// looks at more than that, so it ends even while new messages arrive.
     pub async fn open(connection: &Connection, queue: &str) -> anyhow::Result<Self> {
         let channel = connection
             .create_channel()
@@ -151,12 +156,16 @@ impl DeadReader {
             .with_context(|| {
                 format!("queue `{queue}` does not exist (the worker declares it at start)")
             })?;
+        let publisher = super::publisher::Publisher::open(connection)
+            .await
+            .context("opening a confirm channel")?;
         Ok(Self {
             channel,
+            publisher,
             queue: queue.to_owned(),
             snapshot: declared.message_count(),
             taken: 0,
-            held: std::collections::BTreeSet::new(),
+            pending: None,
         })
     }
 
@@ -180,18 +189,26 @@ impl DeadReader {
         Ok(got.map(|g| g.delivery))
     }
 
-    /// Takes the next message only to hold it (for [`DeadReader::close`]).
-    async fn next_tag(&mut self) -> anyhow::Result<Option<u64>> {
-        let Some(d) = self.get().await? else {
-            return Ok(None);
+    /// Moves the kept message to the tail: confirmed copy first, then the ack.
+    async fn rotate(&mut self) -> anyhow::Result<()> {
+        let Some((tag, properties, body)) = self.pending.take() else {
+            return Ok(());
         };
-        self.taken += 1;
-        self.held.insert(d.delivery_tag);
-        Ok(Some(d.delivery_tag))
+        self.publisher
+            .publish("", &self.queue, &body, properties, true)
+            .await
+            .with_context(|| format!("keeping a message in `{}`", self.queue))?;
+        self.channel
+            .basic_ack(tag, BasicAckOptions::default())
+            .await
+            .with_context(|| format!("acking a message of `{}`", self.queue))?;
+        Ok(())
     }
 
-    /// The next message, unacked; `None` at the end of the snapshot.
+    /// The next message, unacked; `None` at the end of the snapshot. A message returned by
+    /// the previous call and not acked stays in the queue (rotated, in order).
     pub async fn next(&mut self) -> anyhow::Result<Option<DeadMessage>> {
+        self.rotate().await?;
         let Some(d) = self.get().await? else {
             return Ok(None);
         };
@@ -204,37 +221,41 @@ impl DeadReader {
             info,
         };
         self.taken += 1;
-        self.held.insert(message.delivery_tag);
+        self.pending = Some((
+            message.delivery_tag,
+            message.properties.clone(),
+            message.body.clone(),
+        ));
         Ok(Some(message))
     }
 
-    /// Removes a message from the dead queue for good (call only once its copy is safe).
+    /// Removes a message from the queue for good (call only once its copy is safe).
     pub async fn ack(&mut self, message: &DeadMessage) -> anyhow::Result<()> {
         self.channel
             .basic_ack(message.delivery_tag, BasicAckOptions::default())
             .await
             .with_context(|| format!("acking a message of `{}`", self.queue))?;
-        self.held.remove(&message.delivery_tag);
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|(tag, _, _)| *tag == message.delivery_tag)
+        {
+            self.pending = None;
+        }
         Ok(())
     }
 
-    /// Hands every message not acked back to the queue, in its original order, and closes the
-    /// channel (which would return anything a failed nack left behind). Takes the rest of the
-    /// snapshot first, so the whole of it is returned in order (see the module docs).
+    /// Rotates the rest of the snapshot so the whole of it keeps its order, then closes.
     pub async fn close(mut self) -> anyhow::Result<()> {
-        while self.next_tag().await?.is_some() {}
-        let requeue = BasicNackOptions {
-            multiple: false,
-            requeue: true,
-        };
-        for tag in &self.held {
-            if let Err(e) = self.channel.basic_nack(*tag, requeue).await {
-                tracing::warn!(error = %e, "a nack failed; closing the channel returns the rest");
-                break;
-            }
+        self.rotate().await?;
+        while let Some(d) = self.get().await? {
+            self.taken += 1;
+            self.pending = Some((d.delivery_tag, d.properties, d.data));
+            self.rotate().await?;
         }
+        self.publisher.close().await;
         self.channel
-            .close(200, "dead-letter read done".into())
+            .close(200, "read done".into())
             .await
             .context("closing the reading channel")
     }

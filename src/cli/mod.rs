@@ -3,6 +3,7 @@
 pub mod check;
 pub mod completions;
 pub mod dlq;
+pub mod guard;
 pub mod publish;
 pub mod replay;
 pub mod saga;
@@ -76,6 +77,8 @@ pub enum Command {
     Saga(saga::Args),
     /// Recompute a manifest's hash chain and its archive's checksum; exit 1 on mismatch.
     Verify(verify::Args),
+    /// Inspect and release sagas held by the mass-deletion guard.
+    Guard(guard::Args),
 }
 
 /// A failure with the exit code it deserves.
@@ -129,6 +132,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Replay(args) => replay::run(&cli, args).await,
         Command::Saga(args) => saga::run(&cli, args).await,
         Command::Verify(args) => verify::run(&cli, args).await,
+        Command::Guard(args) => guard::run(&cli, args).await,
     };
     match result {
         Ok(code) => code,

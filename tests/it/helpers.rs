@@ -62,6 +62,22 @@ impl Names {
     pub fn held(&self) -> String {
         format!("{}offboard.held", self.prefix)
     }
+    /// A bucket of this test's own, so journals and the guard window are never shared.
+    pub fn bucket(&self) -> String {
+        format!("it-{}", self.prefix.trim_end_matches('.'))
+    }
+
+    /// Creates this test's bucket on the local S3 server.
+    pub async fn create_bucket(&self) {
+        let settings = self.settings(&[]);
+        let client = cxone_offboard::store::client(&settings.s3).await;
+        client
+            .create_bucket()
+            .bucket(self.bucket())
+            .send()
+            .await
+            .expect("test bucket created");
+    }
 
     /// Environment overrides pointing a worker at these names, port 0 for HTTP.
     pub fn env(&self) -> Vec<(String, String)> {
@@ -82,6 +98,7 @@ impl Names {
             ("OFFBOARD__AMQP__RECONNECT_MAX_MS", "1000".to_owned()),
             ("OFFBOARD__HTTP__LISTEN", "127.0.0.1:0".to_owned()),
             ("OFFBOARD__S3__ENDPOINT", s3_endpoint()),
+            ("OFFBOARD__S3__BUCKET", self.bucket()),
             ("OFFBOARD__LOG__FORMAT", "text".to_owned()),
         ]
         .into_iter()
@@ -426,6 +443,7 @@ impl Stack {
              through `make test` (it exports AWS_ACCESS_KEY_ID=test, AWS_EC2_METADATA_DISABLED=true)"
         );
         let names = Names::new();
+        names.create_bucket().await;
         let sim = cxone_offboard::sim::spawn(sim_opts, "127.0.0.1:0".parse().expect("addr"))
             .await
             .expect("simulator starts");
@@ -526,4 +544,40 @@ impl Stack {
         self.sim.shutdown().await;
         self.names.cleanup().await;
     }
+}
+
+/// Another worker with the real saga on the same names, bucket and simulator as `stack`.
+pub async fn spawn_saga_worker(stack: &Stack, extra: &[(&str, &str)]) -> TestWorker {
+    let mut env: Vec<(String, String)> = Stack::sim_env(&stack.sim);
+    env.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let settings = Arc::new(stack.names.settings(&pairs));
+    let metrics = Metrics::new();
+    let (handler, cxone) =
+        cxone_offboard::cli::worker::build_handler(settings.clone(), metrics.clone())
+            .await
+            .map_err(|f| f.error)
+            .expect("handler builds");
+    let shutdown = CancellationToken::new();
+    let running = worker::start(
+        settings,
+        Arc::new(handler),
+        metrics,
+        Some(cxone.circuit_open()),
+        shutdown.clone(),
+    )
+    .await
+    .expect("worker starts");
+    let base = format!("http://{}", running.http_addr);
+    let w = TestWorker {
+        running,
+        shutdown,
+        base,
+    };
+    assert!(w.wait_ready(200, Duration::from_secs(15)).await);
+    w
 }

@@ -7,5 +7,6 @@ mod intake;
 mod lifecycle;
 mod ops;
 mod process;
+mod safety;
 mod saga;
 mod sim;

@@ -494,6 +494,7 @@ async fn replay_refuses_a_message_over_max_count_without_force() {
 #[tokio::test]
 async fn verify_detects_an_edited_step_and_a_changed_archive_byte() {
     let names = Names::new();
+    names.create_bucket().await;
     let settings = names.settings(&[]);
     let store = S3::new(&settings.s3).await;
     let external_id = format!("V{}", &names.prefix[1..11]);

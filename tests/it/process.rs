@@ -111,6 +111,7 @@ async fn sim_user(sim: &SimServer, id: &str) -> Value {
 async fn kill_9_during_a_run_loses_nothing_and_repeats_no_write() {
     let _shared = BROKER.read().await;
     let names = Names::new();
+    names.create_bucket().await;
     let sim = spawn(
         SimOptions {
             users: 300,
@@ -184,6 +185,7 @@ async fn kill_9_during_a_run_loses_nothing_and_repeats_no_write() {
 async fn sigterm_under_load_drains_within_the_grace_and_loses_nothing() {
     let _shared = BROKER.read().await;
     let names = Names::new();
+    names.create_bucket().await;
     let sim = spawn(
         SimOptions {
             users: 60,
@@ -251,6 +253,7 @@ async fn sigterm_under_load_drains_within_the_grace_and_loses_nothing() {
 async fn kill_9_during_a_large_archive_leaves_one_clean_object() {
     let _shared = BROKER.read().await;
     let names = Names::new();
+    names.create_bucket().await;
     let sim = spawn(
         SimOptions {
             users: 1,
