@@ -23,6 +23,18 @@ services: ## Install if needed and start RabbitMQ and the local S3 server; creat
 services-down: ## Stop the services this repository started
 	@scripts/services.sh down
 
+.PHONY: demo
+demo: services ## Simulator + worker + local services: offboard 50 simulated users and print a summary
+	$(CARGO) run --quiet -- demo --users $(or $(USERS),50)
+
+.PHONY: run
+run: services ## Run the worker against the local services (set OFFBOARD__CXONE__* for a tenant)
+	$(CARGO) run --quiet -- worker
+
+.PHONY: sim
+sim: ## Run the CXone simulator on 127.0.0.1:8088
+	$(CARGO) run --quiet -- sim --listen 127.0.0.1:8088
+
 .PHONY: build
 build: ## Build the release binary
 	$(CARGO) build --release --locked

@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod completions;
+pub mod demo;
 pub mod dlq;
 pub mod guard;
 pub mod publish;
@@ -77,6 +78,8 @@ pub enum Command {
     Saga(saga::Args),
     /// Recompute a manifest's hash chain and its archive's checksum; exit 1 on mismatch.
     Verify(verify::Args),
+    /// Run the simulator and a worker in one process, publish N terminations, print a summary.
+    Demo(demo::Args),
     /// Inspect and release sagas held by the mass-deletion guard.
     Guard(guard::Args),
 }
@@ -133,6 +136,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Saga(args) => saga::run(&cli, args).await,
         Command::Verify(args) => verify::run(&cli, args).await,
         Command::Guard(args) => guard::run(&cli, args).await,
+        Command::Demo(args) => demo::run(&cli, args).await,
     };
     match result {
         Ok(code) => code,

@@ -26,13 +26,13 @@ pub async fn build_handler(
 ) -> Result<(SagaHandler<Client, S3>, Client), Failure> {
     let cxone = Client::new(&settings.cxone, metrics.clone())?;
     let store = S3::new(&settings.s3).await;
-    let deps = Deps {
-        cxone: Arc::new(cxone.clone()),
-        store: Arc::new(store),
+    let deps = Deps::new(
+        Arc::new(cxone.clone()),
+        Arc::new(store),
         settings,
-        owner: owner_id(),
+        owner_id(),
         metrics,
-    };
+    );
     Ok((SagaHandler::new(deps), cxone))
 }
 

@@ -54,12 +54,87 @@ pub async fn read<S: Store>(store: &S, settings: &GuardSettings) -> Result<Windo
     Ok(w)
 }
 
+type Waiter = (
+    String,
+    tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
+);
+
+/// Coalesces the admissions of one process: sagas asking at the same time are admitted in one
+/// compare-and-swap, so the window object is contended by replicas, not by every saga.
+#[derive(Default)]
+pub struct Gate {
+    waiting: std::sync::Mutex<Vec<Waiter>>,
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate").finish_non_exhaustive()
+    }
+}
+
+impl Gate {
+    /// Admits `saga_id` if the window has room (idempotent); `false` means hold it.
+    pub async fn admit<S: Store>(
+        &self,
+        store: &S,
+        settings: &GuardSettings,
+        saga_id: &str,
+    ) -> Result<bool, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((saga_id.to_owned(), tx));
+        {
+            let _turn = self.turn.lock().await;
+            let batch: Vec<Waiter> =
+                std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()));
+            if !batch.is_empty() {
+                let ids: Vec<String> = batch.iter().map(|(id, _)| id.clone()).collect();
+                match admit_all(store, settings, &ids).await {
+                    Ok(admitted) => {
+                        for ((_, tx), ok) in batch.into_iter().zip(admitted) {
+                            let _ = tx.send(Ok(ok));
+                        }
+                    }
+                    Err(e) => {
+                        for (_, tx) in batch {
+                            let _ = tx.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(StoreError::Transient {
+                op: "PUT",
+                key: WINDOW_KEY.to_owned(),
+                message: "admission abandoned".to_owned(),
+            })
+        })
+    }
+}
+
 /// Admits `saga_id` if the window has room (idempotent); `false` means hold it.
 pub async fn admit<S: Store>(
     store: &S,
     settings: &GuardSettings,
     saga_id: &str,
 ) -> Result<bool, StoreError> {
+    Ok(admit_all(store, settings, &[saga_id.to_owned()])
+        .await?
+        .first()
+        .copied()
+        .unwrap_or(false))
+}
+
+/// Admits as many of `saga_ids` as the window has room for, in order, in one write.
+pub async fn admit_all<S: Store>(
+    store: &S,
+    settings: &GuardSettings,
+    saga_ids: &[String],
+) -> Result<Vec<bool>, StoreError> {
     for attempt in 0..64u32 {
         let now = Utc::now();
         let (mut window, write) = match store.get(WINDOW_KEY).await? {
@@ -70,22 +145,31 @@ pub async fn admit<S: Store>(
             None => (Window::default(), Write::Create),
         };
         window.prune(now, settings.window_secs);
-        if window.admitted.iter().any(|a| a.saga_id == saga_id) {
-            return Ok(true);
+        let mut results = Vec::with_capacity(saga_ids.len());
+        let mut changed = false;
+        for id in saga_ids {
+            if window.admitted.iter().any(|a| &a.saga_id == id) {
+                results.push(true);
+            } else if window.admitted.len() < settings.max_destructive_per_window as usize {
+                window.admitted.push(Admission {
+                    saga_id: id.clone(),
+                    at: now,
+                });
+                changed = true;
+                results.push(true);
+            } else {
+                results.push(false);
+            }
         }
-        if window.admitted.len() >= settings.max_destructive_per_window as usize {
-            return Ok(false);
+        if !changed {
+            return Ok(results);
         }
-        window.admitted.push(Admission {
-            saga_id: saga_id.to_owned(),
-            at: now,
-        });
         let body = serde_json::to_vec(&window).unwrap_or_default();
         match store
             .put(WINDOW_KEY, Bytes::from(body), "application/json", write)
             .await
         {
-            Ok(_) => return Ok(true),
+            Ok(_) => return Ok(results),
             Err(StoreError::Conflict { .. }) => {
                 // Someone else admitted a saga meanwhile: read again, after a jittered pause.
                 let cap = 5 * u64::from(attempt.min(10) + 1);
@@ -107,6 +191,31 @@ mod tests {
     use super::*;
     use crate::store::Memory;
     use std::sync::Arc;
+
+    #[tokio::test]
+    async fn a_gate_batches_and_still_admits_exactly_the_limit() {
+        let store = Arc::new(Memory::default());
+        let gate = Arc::new(Gate::default());
+        let settings = GuardSettings {
+            max_destructive_per_window: 10,
+            window_secs: 3600,
+        };
+        let mut tasks = Vec::new();
+        for i in 0..25 {
+            let (store, gate, settings) = (store.clone(), gate.clone(), settings.clone());
+            tasks.push(tokio::spawn(async move {
+                gate.admit(store.as_ref(), &settings, &format!("saga-{i}"))
+                    .await
+            }));
+        }
+        let mut admitted = 0;
+        for t in tasks {
+            if t.await.expect("join").expect("admit") {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 10);
+    }
 
     #[tokio::test]
     async fn exactly_the_limit_is_admitted_under_concurrency() {

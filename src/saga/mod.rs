@@ -103,6 +103,27 @@ pub struct Deps<C, S> {
     /// This process's lease owner id.
     pub owner: String,
     pub metrics: Metrics,
+    /// Batches this process's admissions through the mass-deletion guard.
+    pub gate: Arc<guard::Gate>,
+}
+
+impl<C, S> Deps<C, S> {
+    pub fn new(
+        cxone: Arc<C>,
+        store: Arc<S>,
+        settings: Arc<Settings>,
+        owner: String,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            cxone,
+            store,
+            settings,
+            owner,
+            metrics,
+            gate: Arc::new(guard::Gate::default()),
+        }
+    }
 }
 
 impl<C, S> Clone for Deps<C, S> {
@@ -113,6 +134,7 @@ impl<C, S> Clone for Deps<C, S> {
             settings: self.settings.clone(),
             owner: self.owner.clone(),
             metrics: self.metrics.clone(),
+            gate: self.gate.clone(),
         }
     }
 }
@@ -631,12 +653,15 @@ impl<C: Cxone, S: Store> Run<'_, C, S> {
             });
             return None;
         }
-        match guard::admit(
-            self.deps.store.as_ref(),
-            &self.deps.settings.guard,
-            &self.stored.journal.saga_id,
-        )
-        .await
+        match self
+            .deps
+            .gate
+            .admit(
+                self.deps.store.as_ref(),
+                &self.deps.settings.guard,
+                &self.stored.journal.saga_id,
+            )
+            .await
         {
             Ok(true) => {
                 self.journal().guard = Some(GuardRecord {

@@ -314,13 +314,13 @@ fn deps(cxone: FakeCxone) -> Deps<FakeCxone, Memory> {
         )],
     )
     .expect("settings");
-    Deps {
-        cxone: Arc::new(cxone),
-        store: Arc::new(Memory::default()),
-        settings: Arc::new(settings),
-        owner: "test-worker".to_owned(),
-        metrics: Metrics::new(),
-    }
+    Deps::new(
+        Arc::new(cxone),
+        Arc::new(Memory::default()),
+        Arc::new(settings),
+        "test-worker".to_owned(),
+        Metrics::new(),
+    )
 }
 
 fn delivery(parks: u32) -> Delivery {

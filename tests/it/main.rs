@@ -2,6 +2,7 @@
 //! (`scripts/services.sh up` starts them) and the CXone simulator over HTTP.
 
 mod client;
+mod docs;
 mod helpers;
 mod intake;
 mod lifecycle;
