@@ -370,7 +370,7 @@ pub async fn write_once<S: Store>(
         .map_err(|e| StepError::Permanent(format!("manifest serialization: {e}")))?;
     let sha = hex::encode(Sha256::digest(&body));
     match store
-        .put(key, Bytes::from(body), "application/json", Write::Create)
+        .put_evidence(key, Bytes::from(body), "application/json")
         .await
     {
         Ok(_) => Ok(sha),

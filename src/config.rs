@@ -81,6 +81,9 @@ pub struct S3Settings {
     pub bucket: String,
     pub endpoint: Option<String>,
     pub region: String,
+    /// Object Lock mode for manifests: `GOVERNANCE` or `COMPLIANCE`; unset = no lock.
+    pub object_lock_mode: Option<String>,
+    pub object_lock_days: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -377,6 +380,35 @@ impl Settings {
         }
         if let Some(endpoint) = &self.s3.endpoint {
             check_url("s3.endpoint", endpoint, &["http", "https"])?;
+        }
+        match (&self.s3.object_lock_mode, self.s3.object_lock_days) {
+            (None, None) => {}
+            (Some(mode), Some(days)) => {
+                if mode != "GOVERNANCE" && mode != "COMPLIANCE" {
+                    return Err(ConfigError::invalid(
+                        "s3.object_lock_mode",
+                        format!("`{mode}` is not GOVERNANCE or COMPLIANCE"),
+                    ));
+                }
+                if !(1..=36_500).contains(&days) {
+                    return Err(ConfigError::invalid(
+                        "s3.object_lock_days",
+                        "must be 1-36500",
+                    ));
+                }
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "s3.object_lock_days",
+                    "is required with s3.object_lock_mode",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "s3.object_lock_mode",
+                    "is required with s3.object_lock_days",
+                ));
+            }
         }
         if self.s3.region.trim().is_empty() {
             return Err(ConfigError::invalid("s3.region", "must not be empty"));

@@ -78,6 +78,15 @@ pub trait Store: Send + Sync + 'static {
         content_type: &str,
         write: Write,
     ) -> impl Future<Output = Result<String, StoreError>> + Send;
+    /// Writes evidence once (`If-None-Match: *`), under Object Lock retention when configured.
+    fn put_evidence(
+        &self,
+        key: &str,
+        body: Bytes,
+        content_type: &str,
+    ) -> impl Future<Output = Result<String, StoreError>> + Send {
+        self.put(key, body, content_type, Write::Create)
+    }
     /// Keys under `prefix`, in key order.
     fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -202,13 +211,21 @@ where
 pub struct S3 {
     client: aws_sdk_s3::Client,
     bucket: String,
+    lock: Option<(aws_sdk_s3::types::ObjectLockMode, u32)>,
 }
 
 impl S3 {
     pub async fn new(settings: &S3Settings) -> Self {
+        let lock = match (&settings.object_lock_mode, settings.object_lock_days) {
+            (Some(mode), Some(days)) => {
+                Some((aws_sdk_s3::types::ObjectLockMode::from(mode.as_str()), days))
+            }
+            _ => None,
+        };
         Self {
             client: client(settings).await,
             bucket: settings.bucket.clone(),
+            lock,
         }
     }
 
@@ -281,6 +298,34 @@ impl Store for S3 {
             Write::Replace(etag) => req = req.if_match(etag),
         }
         req.send()
+            .await
+            .map(|out| out.e_tag().unwrap_or_default().to_owned())
+            .map_err(|e| classify("PUT", key, &e))
+    }
+
+    async fn put_evidence(
+        &self,
+        key: &str,
+        body: Bytes,
+        content_type: &str,
+    ) -> Result<String, StoreError> {
+        let Some((mode, days)) = &self.lock else {
+            return self.put(key, body, content_type, Write::Create).await;
+        };
+        let until = chrono::Utc::now() + chrono::Duration::days(i64::from(*days));
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .checksum_algorithm(ChecksumAlgorithm::Sha256)
+            .if_none_match("*")
+            .object_lock_mode(mode.clone())
+            .object_lock_retain_until_date(aws_sdk_s3::primitives::DateTime::from_secs(
+                until.timestamp(),
+            ))
+            .body(ByteStream::from(body))
+            .send()
             .await
             .map(|out| out.e_tag().unwrap_or_default().to_owned())
             .map_err(|e| classify("PUT", key, &e))

@@ -421,3 +421,60 @@ async fn a_paging_loop_fails_the_archive_as_permanent() {
     assert!(outcomes[0]["data"]["revoked_at"].is_string());
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn manifests_are_written_under_object_lock_when_configured() {
+    let _shared = BROKER.read().await;
+    let bucket = format!(
+        "it-lock-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    );
+    let plain = crate::helpers::Names::new().settings(&[]);
+    let client = cxone_offboard::store::client(&plain.s3).await;
+    client
+        .create_bucket()
+        .bucket(&bucket)
+        .object_lock_enabled_for_bucket(true)
+        .send()
+        .await
+        .expect("bucket with object lock");
+    let stack = Stack::start(
+        sim(3, 2),
+        &[
+            ("OFFBOARD__S3__BUCKET", bucket.as_str()),
+            ("OFFBOARD__S3__OBJECT_LOCK_MODE", "GOVERNANCE"),
+            ("OFFBOARD__S3__OBJECT_LOCK_DAYS", "30"),
+        ],
+    )
+    .await;
+    stack.terminate("E000001", json!({})).await;
+    let outcomes = stack.tap.wait(1, Duration::from_secs(60)).await;
+    assert_eq!(
+        outcomes[0]["type"], "offboard.saga.completed",
+        "{}",
+        outcomes[0]
+    );
+    let uri = outcomes[0]["data"]["manifest"]["uri"]
+        .as_str()
+        .expect("uri");
+    let key = uri
+        .strip_prefix(&format!("s3://{bucket}/"))
+        .expect("in the lock bucket");
+    let head = client
+        .head_object()
+        .bucket(&bucket)
+        .key(key)
+        .send()
+        .await
+        .expect("head manifest");
+    assert_eq!(
+        head.object_lock_mode().map(|m| m.as_str()),
+        Some("GOVERNANCE")
+    );
+    let until = head
+        .object_lock_retain_until_date()
+        .expect("retention date");
+    let days = (until.secs() - chrono::Utc::now().timestamp()) / 86_400;
+    assert!((29..=30).contains(&days), "{days}");
+    stack.stop().await;
+}

@@ -196,6 +196,13 @@ Call with (dict "prefix" "" "value" $map). Nulls are left out. Whole numbers pri
     secretKeyRef:
       name: {{ $secret }}
       key: cxone-access-key-secret
+{{- if eq (dig "cxone" "auth_flow" "access_key" .Values.config) "password" }}
+- name: OFFBOARD__CXONE__CLIENT_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: cxone-client-secret
+{{- end }}
 {{- range $name, $_ := (dig "hris" "endpoints" dict .Values.config) }}
 - name: OFFBOARD__HRIS__ENDPOINTS__{{ upper $name }}__SECRET
   valueFrom:
