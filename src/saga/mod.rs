@@ -587,7 +587,11 @@ impl<C: Cxone, S: Store> Run<'_, C, S> {
                     {
                         return verdict;
                     }
-                    if step == StepName::RevokeKeys && self.stored.journal.revoked_at.is_none() {
+                    if matches!(
+                        step,
+                        StepName::BlockLogin | StepName::Logout | StepName::RevokeKeys
+                    ) && self.stored.journal.revoked_at.is_none()
+                    {
                         self.record_revoked(finished);
                     }
                     if self.checkpoint_after(step) {
@@ -608,6 +612,39 @@ impl<C: Cxone, S: Store> Run<'_, C, S> {
                     let rec = self.journal().step_mut(step);
                     rec.finished_at = Some(finished);
                     rec.detail = Some(reason.clone());
+                    // While the logout waits for a live call, API keys must not stay usable.
+                    if step == StepName::Logout
+                        && !self
+                            .stored
+                            .journal
+                            .step(StepName::RevokeKeys)
+                            .status
+                            .is_settled()
+                    {
+                        let started = Utc::now();
+                        self.journal().step_mut(StepName::RevokeKeys).attempts += 1;
+                        self.journal().step_mut(StepName::RevokeKeys).started_at = Some(started);
+                        match steps::execute(self, StepName::RevokeKeys).await {
+                            Ok(StepResult::Done(detail)) => {
+                                let rec = self.journal().step_mut(StepName::RevokeKeys);
+                                rec.status = StepStatus::Done;
+                                rec.detail = detail;
+                                rec.finished_at = Some(Utc::now());
+                            }
+                            Ok(StepResult::Skipped(why)) => {
+                                let rec = self.journal().step_mut(StepName::RevokeKeys);
+                                rec.status = StepStatus::Skipped;
+                                rec.detail = Some(why);
+                                rec.finished_at = Some(Utc::now());
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                return self
+                                    .on_error(StepName::RevokeKeys, e, delivery, outcomes)
+                                    .await;
+                            }
+                        }
+                    }
                     self.journal().lease = None;
                     self.journal().state = SagaState::Parked;
                     if let Err(e) = self.checkpoint().await {

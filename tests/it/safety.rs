@@ -283,6 +283,11 @@ async fn an_agent_on_a_call_is_logged_out_only_after_the_call_ends() {
     let u = stack.sim_get("/_sim/users/E000004").await;
     assert_eq!(u["agent_active"], false, "login blocked first: {u}");
     assert_eq!(u["logged_in"], true, "not cut off mid-call: {u}");
+    assert_eq!(
+        u["access_keys"].as_array().map(Vec::len),
+        Some(0),
+        "API keys revoked while the logout waits: {u}"
+    );
     assert!(stack.tap.all().await.is_empty());
     // The call ends.
     stack
