@@ -32,9 +32,14 @@ pub struct AimdConfig {
     pub burst: u32,
     /// Lowest rate a cut can reach.
     pub floor: f64,
-    /// Multiplier applied on a 429 (at most once per `decrease_interval`).
+    /// On a 429 the rate drops to this fraction of the throughput just achieved (the share of
+    /// the tenant quota this process actually got), or of the current rate if lower.
     pub decrease: f64,
-    /// Additive increase, as a fraction of the ceiling per second of unthrottled traffic.
+    /// After a cut, the rate holds this long before probing upward again; doubles while 429s
+    /// keep coming (up to `max_hold`), so replicas settle instead of oscillating.
+    pub hold: Duration,
+    pub max_hold: Duration,
+    /// Probing: multiplicative increase per second of unthrottled traffic past the hold.
     pub increase_per_sec: f64,
     /// Pause when a 429 carries no `Retry-After`.
     pub default_retry_after: Duration,
@@ -46,14 +51,78 @@ impl AimdConfig {
             ceiling,
             burst: burst.max(1),
             floor: (ceiling / 50.0).max(0.2),
-            decrease: 0.7,
-            increase_per_sec: 0.03,
+            decrease: 0.95,
+            hold: Duration::from_secs(4),
+            max_hold: Duration::from_secs(60),
+            increase_per_sec: 0.02,
             default_retry_after: Duration::from_secs(1),
         }
     }
 }
 
-/// The AIMD state machine, pure: callers pass the time.
+/// Successes per 100 ms slot over the last two seconds: the throughput actually achieved.
+#[derive(Debug, Clone)]
+struct Throughput {
+    slots: [u32; 20],
+    /// Index of the slot of `slot_start`.
+    head: usize,
+    slot_start: Option<Instant>,
+    since: Option<Instant>,
+}
+
+impl Throughput {
+    const SLOT: Duration = Duration::from_millis(100);
+
+    fn new() -> Self {
+        Self {
+            slots: [0; 20],
+            head: 0,
+            slot_start: None,
+            since: None,
+        }
+    }
+
+    fn advance(&mut self, now: Instant) {
+        let Some(mut start) = self.slot_start else {
+            self.slot_start = Some(now);
+            self.since = Some(now);
+            return;
+        };
+        let mut steps = 0;
+        while now.saturating_duration_since(start) >= Self::SLOT && steps < 21 {
+            start += Self::SLOT;
+            self.head = (self.head + 1) % self.slots.len();
+            self.slots[self.head] = 0;
+            steps += 1;
+        }
+        if steps >= 21 {
+            start = now;
+        }
+        self.slot_start = Some(start);
+    }
+
+    fn record(&mut self, now: Instant) {
+        self.advance(now);
+        self.slots[self.head] = self.slots[self.head].saturating_add(1);
+    }
+
+    /// Requests per second over the window, once at least a second has been observed.
+    fn rate(&mut self, now: Instant) -> Option<f64> {
+        self.advance(now);
+        let observed = now.saturating_duration_since(self.since?);
+        if observed < Duration::from_secs(1) {
+            return None;
+        }
+        let window = observed.min(Duration::from_secs(2)).as_secs_f64();
+        Some(f64::from(self.slots.iter().sum::<u32>()) / window)
+    }
+
+    fn reset(&mut self) {
+        *self = Self::new();
+    }
+}
+
+/// The adaptive controller, pure: callers pass the time.
 #[derive(Debug, Clone)]
 pub struct Aimd {
     cfg: AimdConfig,
@@ -61,16 +130,22 @@ pub struct Aimd {
     last_success: Option<Instant>,
     last_decrease: Option<Instant>,
     pause_until: Option<Instant>,
+    hold_until: Option<Instant>,
+    hold: Duration,
+    throughput: Throughput,
 }
 
 impl Aimd {
     pub fn new(cfg: AimdConfig) -> Self {
         Self {
             rate: cfg.ceiling,
+            hold: cfg.hold,
             cfg,
             last_success: None,
             last_decrease: None,
             pause_until: None,
+            hold_until: None,
+            throughput: Throughput::new(),
         }
     }
 
@@ -82,19 +157,24 @@ impl Aimd {
         self.pause_until.filter(|t| *t > now)
     }
 
-    /// A call got through: raise the rate in proportion to the time since the last success.
+    /// A call got through: count it, and past the hold probe upward.
     pub fn on_success(&mut self, now: Instant) {
-        if let Some(prev) = self.last_success {
+        self.throughput.record(now);
+        let holding = self.hold_until.is_some_and(|h| now < h);
+        if let Some(prev) = self.last_success
+            && !holding
+        {
             let dt = now
                 .saturating_duration_since(prev)
                 .min(Duration::from_secs(1));
-            let step = self.cfg.ceiling * self.cfg.increase_per_sec * dt.as_secs_f64();
-            self.rate = (self.rate + step).min(self.cfg.ceiling);
+            let grown = self.rate * (1.0 + self.cfg.increase_per_sec * dt.as_secs_f64());
+            self.rate = grown.min(self.cfg.ceiling);
         }
         self.last_success = Some(now);
     }
 
-    /// A 429: pause everyone until `retry_after` and cut the rate, once per throttling episode.
+    /// A 429: pause everyone until `retry_after`; cut to the share just achieved, once per
+    /// throttling episode, and hold there before probing again.
     pub fn on_throttle(&mut self, now: Instant, retry_after: Option<Duration>) {
         let wait = retry_after.unwrap_or(self.cfg.default_retry_after);
         let until = now + wait;
@@ -104,8 +184,25 @@ impl Aimd {
             .last_decrease
             .is_none_or(|t| now.saturating_duration_since(t) >= episode);
         if fresh {
-            self.rate = (self.rate * self.cfg.decrease).max(self.cfg.floor);
+            let achieved = self.throughput.rate(now);
+            let base = match achieved {
+                Some(a) if a > 0.0 => a.min(self.rate),
+                // Too early to know our share: halve.
+                _ => self.rate * 0.5,
+            };
+            self.rate = (base * self.cfg.decrease).clamp(self.cfg.floor, self.cfg.ceiling);
+            // 429s close together mean the probing is too eager: hold longer.
+            let recent = self
+                .last_decrease
+                .is_some_and(|t| now.saturating_duration_since(t) < self.hold * 4);
+            self.hold = if recent {
+                (self.hold * 2).min(self.cfg.max_hold)
+            } else {
+                self.cfg.hold
+            };
             self.last_decrease = Some(now);
+            self.hold_until = Some(until + self.hold);
+            self.throughput.reset();
         }
         // Successes during the pause must not count as time spent unthrottled.
         self.last_success = None;
@@ -277,29 +374,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn aimd_cuts_once_per_episode_and_recovers_to_the_ceiling() {
+    fn aimd_cuts_to_the_achieved_share_holds_then_probes_back_to_the_ceiling() {
         let t0 = Instant::now();
         let mut a = Aimd::new(AimdConfig::new(100.0, 10));
-        a.on_throttle(t0, Some(Duration::from_secs(2)));
-        assert!((a.rate() - 70.0).abs() < 1e-9);
-        assert_eq!(a.paused_until(t0), Some(t0 + Duration::from_secs(2)));
-        // More 429s of the same episode do not cut again.
-        a.on_throttle(t0 + Duration::from_millis(10), Some(Duration::from_secs(1)));
-        assert!((a.rate() - 70.0).abs() < 1e-9);
-        assert_eq!(
-            a.paused_until(t0 + Duration::from_millis(10)),
-            Some(t0 + Duration::from_secs(2))
-        );
-        // A later episode does.
-        a.on_throttle(t0 + Duration::from_secs(3), None);
-        assert!((a.rate() - 49.0).abs() < 1e-9);
-        // Additive increase: 3% of the ceiling per second of successes.
-        let mut t = t0 + Duration::from_secs(4);
-        for _ in 0..200 {
+        // Two seconds at 40 successes per second: our share of the quota.
+        let mut t = t0;
+        for _ in 0..80 {
             a.on_success(t);
-            t += Duration::from_millis(100);
+            t += Duration::from_millis(25);
+        }
+        a.on_throttle(t, Some(Duration::from_secs(2)));
+        assert!(
+            (a.rate() - 38.0).abs() < 2.5,
+            "cut to ~0.95 x 40: {}",
+            a.rate()
+        );
+        assert_eq!(a.paused_until(t), Some(t + Duration::from_secs(2)));
+        let cut = a.rate();
+        // More 429s of the same episode do not cut again.
+        a.on_throttle(t + Duration::from_millis(10), Some(Duration::from_secs(1)));
+        assert_eq!(a.rate(), cut);
+        // Held for the pause plus the hold: no increase.
+        let mut u = t + Duration::from_secs(2);
+        for _ in 0..30 {
+            a.on_success(u);
+            u += Duration::from_millis(100);
+        }
+        assert_eq!(a.rate(), cut, "holding");
+        // Then it probes back up to the ceiling, never beyond.
+        for _ in 0..1000 {
+            a.on_success(u);
+            u += Duration::from_millis(100);
         }
         assert!((a.rate() - 100.0).abs() < 1e-9, "{}", a.rate());
+    }
+
+    #[test]
+    fn an_early_429_halves_and_repeated_ones_lengthen_the_hold() {
+        let t0 = Instant::now();
+        let mut a = Aimd::new(AimdConfig::new(100.0, 10));
+        a.on_throttle(t0, None);
+        assert!((a.rate() - 47.5).abs() < 1e-9, "{}", a.rate());
+        let first_hold = a.hold;
+        a.on_throttle(t0 + Duration::from_secs(2), None);
+        assert!(a.hold > first_hold);
     }
 
     #[test]

@@ -317,3 +317,78 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
     assert!(!hexrun, "something token-shaped leaked");
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn clients_sharing_one_quota_converge_on_it_without_a_429_storm() {
+    // Loose version of the scale-out benchmark (BENCHMARKS.md has the real figures).
+    let r = 50.0;
+    let sim = sim(SimOptions {
+        rate_limit: Some(r),
+        burst: 10,
+        ..SimOptions::default()
+    })
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let s = settings(
+            &sim,
+            &[
+                ("OFFBOARD__CXONE__RATE_LIMIT__REQUESTS_PER_SECOND", "100"),
+                ("OFFBOARD__CXONE__RATE_LIMIT__BURST", "10"),
+                ("OFFBOARD__CXONE__MAX_RETRY_ELAPSED_SECS", "30"),
+            ],
+        );
+        clients.push(Client::new(&s.cxone, Metrics::new()).expect("client"));
+    }
+    for c in &clients {
+        c.get_agent("1001").await.expect("warm up");
+    }
+    // Start both, let them find their shares for 4 s, then measure 8 s of steady state.
+    let started = std::time::Instant::now();
+    let settle = Duration::from_secs(4);
+    let run_for = Duration::from_secs(12);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in &clients {
+        for _ in 0..16 {
+            let c = c.clone();
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut ok = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let res = c.get_agent("1002").await;
+                    let at = started.elapsed();
+                    if res.is_ok() && at > settle && at <= run_for {
+                        ok += 1;
+                    }
+                }
+                ok
+            }));
+        }
+    }
+    tokio::time::sleep(settle).await;
+    let before = stats(&sim).await;
+    tokio::time::sleep(run_for - settle).await;
+    let after = stats(&sim).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.expect("join");
+    }
+    let elapsed = (run_for - settle).as_secs_f64();
+    let total = after["total"].as_u64().unwrap_or(0) - before["total"].as_u64().unwrap_or(0);
+    let throttled =
+        after["throttled"].as_u64().unwrap_or(0) - before["throttled"].as_u64().unwrap_or(0);
+    let utilisation = ok as f64 / elapsed / r;
+    let share_429 = throttled as f64 / total.max(1) as f64;
+    eprintln!(
+        "steady state: ok {ok} in {elapsed:.1}s, sim total {total} throttled {throttled}, rates {:?}",
+        clients
+            .iter()
+            .map(|c| c.limiter().current_rate())
+            .collect::<Vec<_>>()
+    );
+    assert!(utilisation >= 0.8, "utilisation {utilisation:.2}");
+    assert!(share_429 < 0.05, "429s {throttled} of {total}");
+    sim.shutdown().await;
+}
