@@ -320,6 +320,14 @@ impl<C: Cxone, S: Store> Deps<C, S> {
             j.lease = Some(self.lease(now));
             j.state = SagaState::Running;
             j.error = None;
+            // A failed (or scheduled, or held) saga resumes: its verdict is open again.
+            if matches!(
+                j.status,
+                Some(FinalStatus::Failed | FinalStatus::Scheduled | FinalStatus::Held)
+            ) {
+                j.status = None;
+            }
+            j.completed_at = None;
             if released {
                 j.guard = Some(GuardRecord {
                     how: "released".to_owned(),

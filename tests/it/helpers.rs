@@ -545,39 +545,3 @@ impl Stack {
         self.names.cleanup().await;
     }
 }
-
-/// Another worker with the real saga on the same names, bucket and simulator as `stack`.
-pub async fn spawn_saga_worker(stack: &Stack, extra: &[(&str, &str)]) -> TestWorker {
-    let mut env: Vec<(String, String)> = Stack::sim_env(&stack.sim);
-    env.extend(
-        extra
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-    );
-    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let settings = Arc::new(stack.names.settings(&pairs));
-    let metrics = Metrics::new();
-    let (handler, cxone) =
-        cxone_offboard::cli::worker::build_handler(settings.clone(), metrics.clone())
-            .await
-            .map_err(|f| f.error)
-            .expect("handler builds");
-    let shutdown = CancellationToken::new();
-    let running = worker::start(
-        settings,
-        Arc::new(handler),
-        metrics,
-        Some(cxone.circuit_open()),
-        shutdown.clone(),
-    )
-    .await
-    .expect("worker starts");
-    let base = format!("http://{}", running.http_addr);
-    let w = TestWorker {
-        running,
-        shutdown,
-        base,
-    };
-    assert!(w.wait_ready(200, Duration::from_secs(15)).await);
-    w
-}

@@ -601,3 +601,69 @@ async fn put_json(store: &S3, key: &str, value: &Value) {
         .await
         .expect("put");
 }
+
+#[tokio::test]
+async fn after_the_fault_is_fixed_a_replayed_saga_resumes_and_completes() {
+    let _shared = BROKER.read().await;
+    let stack = crate::helpers::Stack::start(
+        cxone_offboard::sim::SimOptions {
+            users: 5,
+            interactions_per_user: 2,
+            ..cxone_offboard::sim::SimOptions::default()
+        },
+        &[],
+    )
+    .await;
+    stack
+        .sim_post(
+            "/_sim/faults",
+            serde_json::json!({"users": {"E000003": {"unassign_skills": 403}}}),
+        )
+        .await;
+    stack.terminate("E000003", serde_json::json!({})).await;
+    let first = stack.tap.wait(1, Duration::from_secs(60)).await;
+    assert_eq!(first[0]["type"], "offboard.saga.failed");
+    assert_eq!(first[0]["data"]["error"]["step"], "unassign_skills");
+    assert_eq!(
+        stack
+            .outside
+            .wait_len(&stack.names.dead(), 1, Duration::from_secs(10))
+            .await,
+        1
+    );
+    let writes_before = stack.sim_get("/_sim/users/E000003").await["writes"].clone();
+    // The operator fixes the cause, then replays.
+    stack.sim_post("/_sim/faults", serde_json::json!({})).await;
+    let out = run(
+        &stack.names,
+        &[
+            "replay",
+            "--class",
+            "permanent",
+            "--step",
+            "unassign_skills",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let outcomes = stack.tap.wait(2, Duration::from_secs(60)).await;
+    assert_eq!(
+        outcomes[1]["type"], "offboard.saga.completed",
+        "{}",
+        outcomes[1]
+    );
+    assert_eq!(outcomes[1]["data"]["status"], "DELETED");
+    let steps = &outcomes[1]["data"]["steps"];
+    assert_eq!(steps[1]["name"], "block_login");
+    assert_eq!(steps[1]["attempts"], 1, "block_login was not run again");
+    assert_eq!(steps[4]["attempts"], 2, "unassign_skills resumed");
+    let after = stack.sim_get("/_sim/users/E000003").await;
+    assert_eq!(
+        after["writes"]["PUT /inContactAPI/services/{version}/agents/{agentId}"],
+        writes_before["PUT /inContactAPI/services/{version}/agents/{agentId}"],
+        "no second block_login write"
+    );
+    assert_eq!(after["status"], "DELETED");
+    assert_eq!(stack.outside.queue_len(&stack.names.dead()).await, 0);
+    stack.stop().await;
+}

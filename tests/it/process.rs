@@ -18,13 +18,13 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-struct WorkerProcess {
+pub struct WorkerProcess {
     child: Child,
     pub http: String,
 }
 
 impl WorkerProcess {
-    fn start(names: &Names, sim: &SimServer, extra: &[(&str, &str)]) -> Self {
+    pub fn start(names: &Names, sim: &SimServer, extra: &[(&str, &str)]) -> Self {
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cxone-offboard"));
         cmd.arg("worker")
@@ -44,7 +44,7 @@ impl WorkerProcess {
         }
     }
 
-    async fn wait_ready(&self) {
+    pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(r) = reqwest::get(format!("{}/readyz", self.http)).await
@@ -57,12 +57,12 @@ impl WorkerProcess {
         panic!("worker process never became ready");
     }
 
-    fn kill9(mut self) {
+    pub fn kill9(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    fn sigterm(&self) {
+    pub fn sigterm(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -70,7 +70,7 @@ impl WorkerProcess {
         assert!(status.success());
     }
 
-    async fn wait_exit(mut self, within: Duration) -> Option<std::process::ExitStatus> {
+    pub async fn wait_exit(mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {

@@ -134,6 +134,7 @@ async fn a_future_dated_termination_runs_when_due() {
     let outcomes = stack.tap.wait(2, Duration::from_secs(30)).await;
     let completed = of_type(&outcomes, "offboard.saga.completed");
     assert_eq!(completed.len(), 1, "{outcomes:#?}");
+    assert_eq!(completed[0]["data"]["status"], "DELETED");
     let revoked = chrono::DateTime::parse_from_rfc3339(
         completed[0]["data"]["revoked_at"]
             .as_str()
@@ -193,8 +194,9 @@ async fn the_guard_admits_exactly_its_limit_across_two_workers_and_releases_by_n
     let _shared = BROKER.read().await;
     let guard = [("OFFBOARD__GUARD__MAX_DESTRUCTIVE_PER_WINDOW", "10")];
     let stack = Stack::start(sim(25, 1), &guard).await;
-    // A second worker on the same queue, bucket and simulator.
-    let second = crate::helpers::spawn_saga_worker(&stack, &guard).await;
+    // A second worker process on the same queue, bucket and simulator.
+    let second = crate::process::WorkerProcess::start(&stack.names, &stack.sim, &guard);
+    second.wait_ready().await;
     for n in 1..=25 {
         stack.terminate(&format!("E{n:06}"), json!({})).await;
     }
@@ -245,8 +247,11 @@ async fn the_guard_admits_exactly_its_limit_across_two_workers_and_releases_by_n
     for name in &names {
         assert!(completed.contains(name), "{name} released and completed");
     }
+    for o in of_type(&outcomes, "offboard.saga.completed") {
+        assert_eq!(o["data"]["status"], "DELETED", "{o}");
+    }
     assert_eq!(stack.outside.queue_len(&stack.names.held()).await, 10);
-    second.stop().await.expect("second worker stops");
+    second.kill9();
     stack.stop().await;
 }
 
