@@ -41,7 +41,7 @@ build: ## Build the release binary
 
 .PHONY: test
 test: services ## Start the services, then run every test (unit + integration, real broker and S3)
-	$(CARGO) test --locked --all-targets
+	$(CARGO) test --locked --lib --bins --tests
 
 .PHONY: lint
 lint: ## rustfmt check and clippy with warnings as errors
