@@ -38,6 +38,17 @@ pub struct AimdConfig {
     pub increase_per_sec: f64,
     /// Pause when a 429 carries no `Retry-After`.
     pub default_retry_after: Duration,
+    /// Gentler cut for a 429 met at (or beyond) the rate of the previous cut: a probe that
+    /// found the limit again, not a rate far above it.
+    pub probe_decrease: f64,
+    /// Harder cut for a 429 within a second of the previous pause ending: the last cut did
+    /// not get near the quota (several replicas starting at once).
+    pub repeat_decrease: f64,
+    /// After a cut the rate follows `w_max · (1 − c · (K − t)³)`, t = seconds of successful
+    /// traffic since the cut: back to the rate that was throttled (`w_max`) quickly, a long
+    /// plateau just below it, then an accelerating probe beyond. `c` is relative to `w_max`
+    /// (s⁻³), so N replicas together probe at the pace of one.
+    pub cubic: f64,
 }
 
 impl AimdConfig {
@@ -49,6 +60,9 @@ impl AimdConfig {
             decrease: 0.7,
             increase_per_sec: 0.03,
             default_retry_after: Duration::from_secs(1),
+            probe_decrease: 0.85,
+            repeat_decrease: 0.4,
+            cubic: 0.0005,
         }
     }
 }
@@ -61,6 +75,11 @@ pub struct Aimd {
     last_success: Option<Instant>,
     last_decrease: Option<Instant>,
     pause_until: Option<Instant>,
+    /// The rate at the last cut (None until the first 429).
+    w_max: Option<f64>,
+    /// Seconds of successful traffic since the last cut, and the cubic's `K`.
+    epoch: f64,
+    k: f64,
 }
 
 impl Aimd {
@@ -71,6 +90,9 @@ impl Aimd {
             last_success: None,
             last_decrease: None,
             pause_until: None,
+            w_max: None,
+            epoch: 0.0,
+            k: 0.0,
         }
     }
 
@@ -88,8 +110,19 @@ impl Aimd {
             let dt = now
                 .saturating_duration_since(prev)
                 .min(Duration::from_secs(1));
-            let step = self.cfg.ceiling * self.cfg.increase_per_sec * dt.as_secs_f64();
-            self.rate = (self.rate + step).min(self.cfg.ceiling);
+            match self.w_max {
+                // Never throttled: additive increase up to the ceiling.
+                None => {
+                    let step = self.cfg.ceiling * self.cfg.increase_per_sec * dt.as_secs_f64();
+                    self.rate = (self.rate + step).min(self.cfg.ceiling);
+                }
+                Some(w_max) => {
+                    self.epoch += dt.as_secs_f64();
+                    let x = self.epoch - self.k;
+                    let target = w_max * (1.0 + self.cfg.cubic * x * x * x);
+                    self.rate = target.clamp(self.cfg.floor, self.cfg.ceiling);
+                }
+            }
         }
         self.last_success = Some(now);
     }
@@ -98,13 +131,26 @@ impl Aimd {
     pub fn on_throttle(&mut self, now: Instant, retry_after: Option<Duration>) {
         let wait = retry_after.unwrap_or(self.cfg.default_retry_after);
         let until = now + wait;
+        let previous_pause = self.pause_until;
         self.pause_until = Some(self.pause_until.map_or(until, |p| p.max(until)));
         let episode = wait.max(Duration::from_secs(1));
         let fresh = self
             .last_decrease
             .is_none_or(|t| now.saturating_duration_since(t) >= episode);
         if fresh {
-            self.rate = (self.rate * self.cfg.decrease).max(self.cfg.floor);
+            let repeated = previous_pause.is_some_and(|p| {
+                now > p && now.saturating_duration_since(p) < Duration::from_secs(1)
+            });
+            let factor = match self.w_max {
+                _ if repeated => self.cfg.repeat_decrease,
+                Some(w) if self.rate >= 0.97 * w => self.cfg.probe_decrease,
+                _ => self.cfg.decrease,
+            };
+            let before = self.rate;
+            self.rate = (self.rate * factor).max(self.cfg.floor);
+            self.w_max = Some(before);
+            self.epoch = 0.0;
+            self.k = ((1.0 - self.rate / before).max(0.0) / self.cfg.cubic).cbrt();
             self.last_decrease = Some(now);
         }
         // Successes during the pause must not count as time spent unthrottled.
@@ -300,6 +346,49 @@ mod tests {
             t += Duration::from_millis(100);
         }
         assert!((a.rate() - 100.0).abs() < 1e-9, "{}", a.rate());
+    }
+
+    #[test]
+    fn aimd_returns_near_the_throttled_rate_plateaus_and_cuts_gently_at_it() {
+        let t0 = Instant::now();
+        let mut a = Aimd::new(AimdConfig::new(100.0, 10));
+        a.on_throttle(t0, Some(Duration::from_secs(1)));
+        assert!((a.rate() - 70.0).abs() < 1e-9);
+        // Successes every 100 ms from t0 + 1 s: concave return towards 100.
+        let mut t = t0 + Duration::from_secs(1);
+        for _ in 0..=50 {
+            a.on_success(t);
+            t += Duration::from_millis(100);
+        }
+        assert!(a.rate() > 90.0 && a.rate() < 100.0, "{}", a.rate());
+        for _ in 0..30 {
+            a.on_success(t);
+            t += Duration::from_millis(100);
+        }
+        // Around K the rate sits on the plateau just below the throttled rate.
+        assert!(a.rate() > 97.0 && a.rate() <= 100.0, "{}", a.rate());
+        // A 429 there is a probe that found the limit: a gentle cut.
+        a.on_throttle(t, Some(Duration::from_secs(1)));
+        let expected = 0.85 * 100.0;
+        assert!(
+            a.rate() > expected - 3.0 && a.rate() <= expected,
+            "{}",
+            a.rate()
+        );
+    }
+
+    #[test]
+    fn aimd_cuts_hard_when_throttled_again_right_after_a_pause() {
+        let t0 = Instant::now();
+        let mut a = Aimd::new(AimdConfig::new(400.0, 50));
+        a.on_throttle(t0, Some(Duration::from_secs(1)));
+        assert!((a.rate() - 280.0).abs() < 1e-9);
+        // 0.2 s after the pause ended: still far above the quota.
+        a.on_throttle(
+            t0 + Duration::from_millis(1200),
+            Some(Duration::from_secs(1)),
+        );
+        assert!((a.rate() - 112.0).abs() < 1e-9, "{}", a.rate());
     }
 
     #[test]
