@@ -52,6 +52,14 @@ lint: ## rustfmt check and clippy with warnings as errors
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
+.PHONY: bench
+bench: ## End-to-end benchmarks (issue 10), 3 runs each: writes BENCHMARKS.md and docs/bench/*.svg (~25 min)
+	@scripts/bench.sh
+
+.PHONY: bench-quick
+bench-quick: ## Scaled-down benchmarks for CI smoke (< 3 min after a release build): target/bench-quick/
+	@scripts/bench.sh --quick
+
 .PHONY: check
 check: services ## Run `cxone-offboard check` against the local services
 	$(CARGO) run --quiet -- check
