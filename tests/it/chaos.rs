@@ -638,28 +638,43 @@ async fn run(scenario: Scenario) -> Figures {
     // Late re-publications, if any, arrive within a moment.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    // Nothing stuck: with the workers still running nothing may be ready or unacked; then stop
-    // them and look again (unacked deliveries would be back as ready).
-    let stuck_running: u64 = queues(&names.prefix)
-        .iter()
-        .filter(|(q, _, _)| *q != names.dead() && !q.ends_with("chaos.tap"))
-        .map(|(_, r, u)| r + u)
-        .sum();
+    // Nothing stuck: with the workers still running nothing may be ready or unacked
+    // (rabbitmqctl's quorum-queue counters lag by a few seconds: poll until they settle) ...
+    let mut stuck_running = u64::MAX;
+    let settle = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < settle {
+        stuck_running = queues(&names.prefix)
+            .iter()
+            .filter(|(q, _, _)| *q != names.dead() && !q.ends_with("chaos.tap"))
+            .map(|(_, r, u)| r + u)
+            .sum();
+        if stuck_running == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // ... then stop them and count what the queues hold, exactly (a passive declare): an unacked
+    // delivery would be back as ready now.
     for w in fleet.workers.drain(..) {
         w.sigterm();
         let _ = w.wait_exit(Duration::from_secs(15)).await;
     }
+    let outside = Outside::new().await;
     let mut stuck_after: u64 = 0;
-    let mut dead = 0;
-    for (q, r, u) in queues(&names.prefix) {
-        if q == names.dead() {
-            dead = r + u;
-        } else if !q.ends_with("chaos.tap") {
-            stuck_after += r + u;
-            if r + u > 0 {
-                println!("stuck: {q} ready={r} unacked={u}");
-            }
+    for (q, _, _) in queues(&names.prefix) {
+        if q == names.dead() || q.ends_with("chaos.tap") {
+            continue;
         }
+        let n = u64::from(outside.queue_len(&q).await);
+        if n > 0 {
+            println!("stuck: {q} holds {n}");
+        }
+        stuck_after += n;
+    }
+    let dead = u64::from(outside.queue_len(&names.dead()).await);
+    drop(outside);
+    if stuck_running > 0 {
+        println!("while running: {stuck_running} ready or unacked (rabbitmqctl)");
     }
     f.stuck = stuck_running.max(stuck_after);
     f.dead_lettered = dead;
