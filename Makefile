@@ -43,6 +43,20 @@ build: ## Build the release binary
 test: services ## Start the services, then run every test (unit + integration, real broker and S3)
 	$(CARGO) test --locked --lib --bins --tests
 
+.PHONY: reliability
+reliability: services ## Full reliability suite: chaos (500 events), fault matrix, hostile input, security, proptest
+	@scripts/reliability.sh full
+
+.PHONY: reliability-ci
+reliability-ci: services ## The reduced reliability suite CI runs (120 events, under 10 minutes)
+	@scripts/reliability.sh ci
+
+.PHONY: fuzz
+fuzz: ## cargo-fuzz the event decoder and the CSV importer, FUZZ_SECS each (installs cargo-fuzz)
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run event_parse -- -max_total_time=$(or $(FUZZ_SECS),60)
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run csv_import -- -max_total_time=$(or $(FUZZ_SECS),60)
+
 .PHONY: lint
 lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check

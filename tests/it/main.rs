@@ -1,13 +1,17 @@
 //! Integration tests against the real broker and S3 server on loopback
 //! (`scripts/services.sh up` starts them) and the CXone simulator over HTTP.
 
+mod chaos;
 mod client;
 mod docs;
+mod faults;
 mod helpers;
+mod hostile;
 mod intake;
 mod lifecycle;
 mod ops;
 mod process;
+mod props;
 mod safety;
 mod saga;
 mod sim;

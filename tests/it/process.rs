@@ -11,25 +11,44 @@ use serde_json::{Value, json};
 
 use crate::helpers::{BROKER, Names, OutcomeTap, Outside, Stack, termination};
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
 }
 
-pub struct WorkerProcess {
-    child: Child,
+pub(crate) struct WorkerProcess {
+    pub(crate) child: Child,
     pub http: String,
 }
 
 impl WorkerProcess {
-    pub fn start(names: &Names, sim: &SimServer, extra: &[(&str, &str)]) -> Self {
+    pub(crate) fn start(names: &Names, sim: &SimServer, extra: &[(&str, &str)]) -> Self {
+        Self::start_logged(names, sim, extra, None)
+    }
+
+    /// Like [`WorkerProcess::start`], appending stderr (the logs) to `log` when given.
+    pub(crate) fn start_logged(
+        names: &Names,
+        sim: &SimServer,
+        extra: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+    ) -> Self {
         let port = free_port();
+        let stderr = log
+            .and_then(|p| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .ok()
+            })
+            .map_or_else(Stdio::null, Stdio::from);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cxone-offboard"));
         cmd.arg("worker")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .envs(names.env())
             .envs(Stack::sim_env(sim))
             .env("OFFBOARD__HTTP__LISTEN", format!("127.0.0.1:{port}"))
@@ -44,7 +63,7 @@ impl WorkerProcess {
         }
     }
 
-    pub async fn wait_ready(&self) {
+    pub(crate) async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(r) = reqwest::get(format!("{}/readyz", self.http)).await
@@ -57,12 +76,12 @@ impl WorkerProcess {
         panic!("worker process never became ready");
     }
 
-    pub fn kill9(mut self) {
+    pub(crate) fn kill9(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    pub fn sigterm(&self) {
+    pub(crate) fn sigterm(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -70,7 +89,7 @@ impl WorkerProcess {
         assert!(status.success());
     }
 
-    pub async fn wait_exit(mut self, within: Duration) -> Option<std::process::ExitStatus> {
+    pub(crate) async fn wait_exit(mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -98,7 +117,7 @@ fn completed_sagas(outcomes: &[Value]) -> BTreeSet<String> {
         .collect()
 }
 
-async fn sim_user(sim: &SimServer, id: &str) -> Value {
+pub(crate) async fn sim_user(sim: &SimServer, id: &str) -> Value {
     reqwest::get(format!("{}/_sim/users/{id}", sim.base_url()))
         .await
         .expect("sim")
