@@ -35,11 +35,12 @@ pub struct AimdConfig {
     /// On a 429 the rate drops to this fraction of the throughput just achieved (the share of
     /// the tenant quota this process actually got), or of the current rate if lower.
     pub decrease: f64,
-    /// After a cut, the rate holds this long before probing upward again; doubles while 429s
-    /// keep coming (up to `max_hold`), so replicas settle instead of oscillating.
+    /// After a cut, the rate holds this long (past the pause) before rising again.
     pub hold: Duration,
     pub max_hold: Duration,
-    /// Probing: multiplicative increase per second of unthrottled traffic past the hold.
+    /// Recovery: multiplicative increase per second while below the level that was throttled.
+    pub recover_per_sec: f64,
+    /// Probing: multiplicative increase per second once back at that level.
     pub increase_per_sec: f64,
     /// Pause when a 429 carries no `Retry-After`.
     pub default_retry_after: Duration,
@@ -52,9 +53,10 @@ impl AimdConfig {
             burst: burst.max(1),
             floor: (ceiling / 50.0).max(0.2),
             decrease: 0.95,
-            hold: Duration::from_secs(4),
-            max_hold: Duration::from_secs(60),
-            increase_per_sec: 0.02,
+            hold: Duration::from_secs(2),
+            max_hold: Duration::from_secs(8),
+            recover_per_sec: 0.05,
+            increase_per_sec: 0.01,
             default_retry_after: Duration::from_secs(1),
         }
     }
@@ -133,6 +135,8 @@ pub struct Aimd {
     hold_until: Option<Instant>,
     hold: Duration,
     throughput: Throughput,
+    /// The share achieved when last throttled: recover quickly to just below it, then probe.
+    level: Option<f64>,
 }
 
 impl Aimd {
@@ -146,6 +150,7 @@ impl Aimd {
             pause_until: None,
             hold_until: None,
             throughput: Throughput::new(),
+            level: None,
         }
     }
 
@@ -190,6 +195,7 @@ impl Aimd {
                 // Too early to know our share: halve.
                 _ => self.rate * 0.5,
             };
+            self.level = Some(base);
             self.rate = (base * self.cfg.decrease).clamp(self.cfg.floor, self.cfg.ceiling);
             // 429s close together mean the probing is too eager: hold longer.
             let recent = self
@@ -396,13 +402,23 @@ mod tests {
         assert_eq!(a.rate(), cut);
         // Held for the pause plus the hold: no increase.
         let mut u = t + Duration::from_secs(2);
-        for _ in 0..30 {
+        for _ in 0..15 {
             a.on_success(u);
             u += Duration::from_millis(100);
         }
         assert_eq!(a.rate(), cut, "holding");
-        // Then it probes back up to the ceiling, never beyond.
-        for _ in 0..1000 {
+        // Then it recovers quickly to just below the throttled share…
+        for _ in 0..30 {
+            a.on_success(u);
+            u += Duration::from_millis(100);
+        }
+        assert!(
+            a.rate() > 37.0 && a.rate() <= 0.99 * 40.0 + 1.0,
+            "{}",
+            a.rate()
+        );
+        // …and probes slowly on up to the ceiling, never beyond.
+        for _ in 0..2000 {
             a.on_success(u);
             u += Duration::from_millis(100);
         }
