@@ -29,6 +29,7 @@ pub struct Metrics {
     invalid: Counter,
     acked: Counter,
     requeued: Counter,
+    rescued: Counter,
     dead_lettered: Family<ClassLabel, Counter>,
     in_flight: Gauge,
     broker_connected: Gauge,
@@ -92,6 +93,12 @@ impl Metrics {
             "messages_requeued",
             "Deliveries returned to the queue unsettled",
             requeued.clone(),
+        );
+        let rescued = Counter::default();
+        registry.register(
+            "messages_rescued",
+            "Messages returned by crashed workers, re-published fresh before the delivery limit",
+            rescued.clone(),
         );
         let dead_lettered = Family::<ClassLabel, Counter>::default();
         registry.register(
@@ -179,6 +186,7 @@ impl Metrics {
             invalid,
             acked,
             requeued,
+            rescued,
             dead_lettered,
             in_flight,
             broker_connected,
@@ -203,6 +211,9 @@ impl Metrics {
     }
     pub fn message_acked(&self) {
         self.acked.inc();
+    }
+    pub fn message_rescued(&self) {
+        self.rescued.inc();
     }
     pub fn message_requeued(&self) {
         self.requeued.inc();

@@ -289,6 +289,10 @@ impl<H: Handler> Consumer<H> {
                             },
                             dead_letter_exchange: amqp.dead_letter_exchange.clone(),
                             limits,
+                            rescue: Rescue {
+                                queue: amqp.requests_queue.clone(),
+                                at: (i64::from(amqp.delivery_limit) - 2).max(1),
+                            },
                         };
                         self.tracker.spawn(async move {
                             task.run(delivery).await;
@@ -369,7 +373,25 @@ struct Task<H> {
     ctx: Context,
     dead_letter_exchange: String,
     limits: Limits,
+    rescue: Rescue,
 }
+
+/// Messages returned to the queue by crashed or killed workers count as deliveries; with
+/// prefetch, one pod kill charges every message it held. Before such a message nears the
+/// delivery limit it is re-published fresh (confirmed, then acked), at most [`MAX_RESCUES`]
+/// times, so healthy work survives repeated pod kills while a message that really crashes
+/// workers still reaches the dead-letter queue.
+#[derive(Debug, Clone)]
+struct Rescue {
+    queue: String,
+    /// Delivery count from which a message is re-published fresh.
+    at: i64,
+}
+
+/// Times a message may be re-published fresh before the delivery limit applies.
+pub const MAX_RESCUES: i64 = 3;
+/// Header counting those re-publications.
+pub const RESCUES: &str = "x-offboard-rescues";
 
 impl<H: Handler> Task<H> {
     async fn run(self, delivery: Delivery) {
@@ -384,7 +406,56 @@ impl<H: Handler> Task<H> {
         self.metrics.handling_finished();
     }
 
+    /// Re-publishes a message that crashed workers keep returning, before the limit hits.
+    async fn rescued(&self, delivery: &Delivery) -> bool {
+        let table = delivery.properties.headers().as_ref();
+        let count = headers::get_int(table, headers::DELIVERY_COUNT).unwrap_or(0);
+        let rescues = headers::get_int(table, RESCUES).unwrap_or(0);
+        if count < self.rescue.at || rescues >= MAX_RESCUES {
+            return false;
+        }
+        let mut fresh = delivery.properties.headers().clone().unwrap_or_default();
+        headers::set_int(&mut fresh, RESCUES, rescues + 1);
+        if headers::get_str(Some(&fresh), headers::ORIGINAL_EXCHANGE).is_none() {
+            headers::set_str(
+                &mut fresh,
+                headers::ORIGINAL_EXCHANGE,
+                delivery.exchange.as_str(),
+            );
+            headers::set_str(
+                &mut fresh,
+                headers::ORIGINAL_ROUTING_KEY,
+                delivery.routing_key.as_str(),
+            );
+        }
+        let props = delivery.properties.clone().with_headers(fresh);
+        match self
+            .ctx
+            .publisher
+            .publish("", &self.rescue.queue, &delivery.data, props, true)
+            .await
+        {
+            Ok(()) => {
+                info!(
+                    delivery_count = count,
+                    rescues = rescues + 1,
+                    "message returned by crashed workers re-published fresh"
+                );
+                self.metrics.message_rescued();
+                self.ack(delivery).await;
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "could not re-publish a returned message; handling it as is");
+                false
+            }
+        }
+    }
+
     async fn run_inner(&self, delivery: Delivery) {
+        if self.rescued(&delivery).await {
+            return;
+        }
         let content_type = delivery
             .properties
             .content_type()

@@ -299,6 +299,22 @@ impl Client {
                         .and_then(|v| parse_retry_after(v, SystemTime::now()));
                     if (200..300).contains(&status) || status == 404 || req.pass.contains(&status) {
                         match resp.bytes().await {
+                            // A garbled answer to a read is transport damage: retry it here.
+                            Ok(body)
+                                if (req.method == Method::GET
+                                    || req.route == routes::USER_SEARCH)
+                                    && (200..300).contains(&status)
+                                    && !body.is_empty()
+                                    && serde_json::from_slice::<serde::de::IgnoredAny>(&body)
+                                        .is_err() =>
+                            {
+                                inner.limiter.on_success();
+                                err(
+                                    ErrorKind::Transient,
+                                    Some(status),
+                                    "malformed JSON in the answer".to_owned(),
+                                )
+                            }
                             Ok(body) => {
                                 inner.limiter.on_success();
                                 inner.breaker.on_success();

@@ -220,7 +220,11 @@ async fn faults_token_expiry_every_two_seconds_and_revocation() {
             token_ttl: Duration::from_secs(2),
             ..sim(30)
         },
-        &with(&[("OFFBOARD__CXONE__RATE_LIMIT__REQUESTS_PER_SECOND", "60")]),
+        &with(&[
+            ("OFFBOARD__CXONE__RATE_LIMIT__REQUESTS_PER_SECOND", "60"),
+            // A small burst, so the run really lasts several token lifetimes (~6 s).
+            ("OFFBOARD__CXONE__RATE_LIMIT__BURST", "5"),
+        ]),
     )
     .await;
     let ids = publish_all(&stack, 30).await;
