@@ -16,8 +16,8 @@ use crate::saga::journal::{ArchiveRecord, FinalStatus, Journal, ManifestRecord, 
 use crate::saga::{Run, StepError, StepResult};
 use crate::store::{Part, Store, StoreError, Write};
 
-/// Multipart part size: S3's minimum is 5 MiB for all parts but the last.
-pub const PART_SIZE: usize = 8 * 1024 * 1024;
+/// Multipart part size: S3's minimum (5 MiB) for all parts but the last, to keep memory flat.
+pub const PART_SIZE: usize = 5 * 1024 * 1024;
 
 pub const NDJSON: &str = "application/x-ndjson";
 
@@ -55,7 +55,7 @@ impl<'a, S: Store> ArchiveWriter<'a, S> {
         Ok(Self {
             store,
             key,
-            buffer: Vec::with_capacity(PART_SIZE + 64 * 1024),
+            buffer: Vec::with_capacity(64 * 1024),
             upload: None,
             parts: Vec::new(),
             hasher: Sha256::new(),
@@ -84,7 +84,8 @@ impl<'a, S: Store> ArchiveWriter<'a, S> {
                 u
             }
         };
-        let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(PART_SIZE + 64 * 1024));
+        // The next part's buffer starts small: only one full part is in memory at a time.
+        let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(64 * 1024));
         self.hasher.update(&chunk);
         self.bytes += chunk.len() as u64;
         let number = i32::try_from(self.parts.len() + 1).unwrap_or(i32::MAX);
@@ -144,7 +145,8 @@ pub(crate) async fn archive_step<C: Cxone, S: Store>(
     let start = end - chrono::Duration::days(i64::from(lookback_days));
     let mut writer = ArchiveWriter::begin(store.as_ref(), key.clone()).await?;
     let mut next: Option<url::Url> = None;
-    let mut seen: HashSet<String> = HashSet::new();
+    // Loop detection keeps a hash per page link, not the link: flat memory for long histories.
+    let mut seen: HashSet<u64> = HashSet::new();
     let mut last_renewal = std::time::Instant::now();
     let result: Result<(), StepError> = async {
         loop {
@@ -162,7 +164,9 @@ pub(crate) async fn archive_step<C: Cxone, S: Store>(
                     )));
                 }
                 Some(url) => {
-                    if !seen.insert(url.as_str().to_owned()) {
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    std::hash::Hash::hash(url.as_str(), &mut h);
+                    if !seen.insert(std::hash::Hasher::finish(&h)) {
                         return Err(StepError::Permanent(
                             "CXone paging loops: _links.next repeats an earlier page".to_owned(),
                         ));
@@ -305,7 +309,7 @@ pub fn build_manifest(journal: &Journal, kind: &str, extra: Option<Value>) -> Va
         .calls
         .iter()
         .map(
-            |c| json!({ "method": c.method, "route": c.route, "status": c.status, "at": ts(c.at) }),
+            |c| json!({ "method": c.method, "route": c.route, "status": c.status, "at": ts(c.at), "count": c.count, "last_at": c.last_at.map(ts) }),
         )
         .collect();
     let mut m = json!({

@@ -238,14 +238,25 @@ impl Client {
         self.inner.requests.fetch_add(1, Ordering::Relaxed);
         self.inner.metrics.cxone_request(route, status);
         let _ = CALL_LOG.try_with(|log| {
-            log.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(CallRecord {
-                    method: method.as_str().to_owned(),
-                    route: route.to_owned(),
-                    status,
-                    at: Utc::now(),
-                });
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Utc::now();
+            if let Some(last) = log.last_mut()
+                && last.method == method.as_str()
+                && last.route == route
+                && last.status == status
+            {
+                last.count = last.count.saturating_add(1);
+                last.last_at = Some(now);
+                return;
+            }
+            log.push(CallRecord {
+                method: method.as_str().to_owned(),
+                route: route.to_owned(),
+                status,
+                at: now,
+                count: 1,
+                last_at: None,
+            });
         });
     }
 

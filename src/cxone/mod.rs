@@ -166,6 +166,21 @@ pub struct CallRecord {
     /// HTTP status, or 0 when no answer came back.
     pub status: u16,
     pub at: DateTime<Utc>,
+    /// Consecutive identical calls (same method, route and status) are kept as one record:
+    /// a 10,000-page archive is one line, not 10,000.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub count: u32,
+    /// The last of those calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_at: Option<DateTime<Utc>>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 tokio::task_local! {
