@@ -233,6 +233,14 @@ fn a_bad_setting_exits_2_naming_the_key() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("amqp.prefetch"), "{text}");
+    // The worker itself refuses to start the same way, before touching the broker.
+    let out = Command::new(env!("CARGO_BIN_EXE_cxone-offboard"))
+        .arg("worker")
+        .env("OFFBOARD__AMQP__PREFETCH", "abc")
+        .output()
+        .expect("binary runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("amqp.prefetch"));
     // Straight from the loader as well.
     let err = Settings::load_from(
         None,
