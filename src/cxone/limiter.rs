@@ -1,8 +1,10 @@
 //! The client-side rate limiter: a governor token bucket behind a dispatcher that serves the
 //! *revoke* class before *housekeeping*, and an AIMD controller that pauses every caller on a
-//! 429 until `Retry-After`, cuts the rate multiplicatively, and raises it additively on
-//! success up to the configured ceiling. Replicas sharing a tenant quota converge on it
-//! without talking to each other, as TCP flows share a link.
+//! 429 until `Retry-After`, cuts the rate to just below the share of the quota this process
+//! actually achieved while busy, and raises it additively on success up to the configured
+//! ceiling (gently near that share, faster the longer no 429 arrives). Replicas sharing a
+//! tenant quota converge on it without talking to each other, as TCP flows share a link; see
+//! docs/decisions.md for the numbers.
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -35,15 +37,23 @@ pub struct AimdConfig {
     /// On a 429 the rate drops to this fraction of the throughput just achieved (the share of
     /// the tenant quota this process actually got), or of the current rate if lower.
     pub decrease: f64,
-    /// After a cut, the rate holds this long (past the pause) before rising again.
+    /// After a pause ends, the rate holds this long before rising again.
     pub hold: Duration,
+    /// Repeated 429s double the hold up to this.
     pub max_hold: Duration,
-    /// Recovery: multiplicative increase per second while below the level that was throttled.
-    pub recover_per_sec: f64,
-    /// Probing: multiplicative increase per second once back at that level.
-    pub increase_per_sec: f64,
+    /// Recovery: requests per second added per second while below 0.99 × the level that was
+    /// throttled.
+    pub recover: f64,
+    /// Probing: requests per second added per second once back at that level; the step grows
+    /// the longer no 429 arrives (`probe × (1 + (t / probe_ramp)²)`), so a process whose
+    /// neighbours have gone idle takes up the quota in seconds, not minutes.
+    pub probe: f64,
+    pub probe_ramp: Duration,
     /// Pause when a 429 carries no `Retry-After`.
     pub default_retry_after: Duration,
+    /// Up to this much is added at random to every pause, so replicas throttled together do
+    /// not all resume in the same millisecond.
+    pub max_jitter: Duration,
 }
 
 impl AimdConfig {
@@ -53,23 +63,27 @@ impl AimdConfig {
             burst: burst.max(1),
             floor: (ceiling / 50.0).max(0.2),
             decrease: 0.95,
-            hold: Duration::from_secs(2),
-            max_hold: Duration::from_secs(8),
-            recover_per_sec: 0.05,
-            increase_per_sec: 0.01,
+            hold: Duration::from_secs(1),
+            max_hold: Duration::from_secs(4),
+            recover: ceiling * 0.05,
+            probe: ceiling * 0.0025,
+            probe_ramp: Duration::from_secs(4),
             default_retry_after: Duration::from_secs(1),
+            max_jitter: Duration::from_millis(200),
         }
     }
 }
 
-/// Successes per 100 ms slot over the last two seconds: the throughput actually achieved.
+/// Successes per 100 ms slot over the last two seconds, and which slots saw a request sent:
+/// the throughput achieved while there was work and permission to send. Idle time and
+/// pauses do not dilute it.
 #[derive(Debug, Clone)]
 struct Throughput {
     slots: [u32; 20],
+    busy: [bool; 20],
     /// Index of the slot of `slot_start`.
     head: usize,
     slot_start: Option<Instant>,
-    since: Option<Instant>,
 }
 
 impl Throughput {
@@ -78,16 +92,15 @@ impl Throughput {
     fn new() -> Self {
         Self {
             slots: [0; 20],
+            busy: [false; 20],
             head: 0,
             slot_start: None,
-            since: None,
         }
     }
 
     fn advance(&mut self, now: Instant) {
         let Some(mut start) = self.slot_start else {
             self.slot_start = Some(now);
-            self.since = Some(now);
             return;
         };
         let mut steps = 0;
@@ -95,6 +108,7 @@ impl Throughput {
             start += Self::SLOT;
             self.head = (self.head + 1) % self.slots.len();
             self.slots[self.head] = 0;
+            self.busy[self.head] = false;
             steps += 1;
         }
         if steps >= 21 {
@@ -108,23 +122,23 @@ impl Throughput {
         self.slots[self.head] = self.slots[self.head].saturating_add(1);
     }
 
-    /// Requests per second over the window, once at least a second has been observed.
-    fn rate(&mut self, now: Instant) -> Option<f64> {
+    fn sent(&mut self, now: Instant) {
         self.advance(now);
-        let observed = now.saturating_duration_since(self.since?);
-        if observed < Duration::from_secs(1) {
-            return None;
-        }
-        let window = observed.min(Duration::from_secs(2)).as_secs_f64();
-        Some(f64::from(self.slots.iter().sum::<u32>()) / window)
+        self.busy[self.head] = true;
     }
 
-    fn reset(&mut self) {
-        *self = Self::new();
+    /// Successes per second of busy time, once at least 300 ms of it has been seen.
+    fn rate(&mut self, now: Instant) -> Option<f64> {
+        self.advance(now);
+        let busy = self.busy.iter().filter(|b| **b).count();
+        if busy < 3 {
+            return None;
+        }
+        Some(f64::from(self.slots.iter().sum::<u32>()) / (busy as f64 * Self::SLOT.as_secs_f64()))
     }
 }
 
-/// The adaptive controller, pure: callers pass the time.
+/// The adaptive controller, pure: callers pass the time (and the jitter).
 #[derive(Debug, Clone)]
 pub struct Aimd {
     cfg: AimdConfig,
@@ -132,6 +146,7 @@ pub struct Aimd {
     last_success: Option<Instant>,
     last_decrease: Option<Instant>,
     pause_until: Option<Instant>,
+    /// No increase before this; probing time counts from here.
     hold_until: Option<Instant>,
     hold: Duration,
     throughput: Throughput,
@@ -158,11 +173,23 @@ impl Aimd {
         self.rate
     }
 
+    /// The bucket's burst at the current rate: a process cut to a share of the quota bursts
+    /// in proportion, so replicas resuming together do not empty the tenant's bucket at once.
+    pub fn burst(&self) -> u32 {
+        let scaled = f64::from(self.cfg.burst) * (self.rate / self.cfg.ceiling);
+        (scaled.round() as u32).clamp(1, self.cfg.burst)
+    }
+
     pub fn paused_until(&self, now: Instant) -> Option<Instant> {
         self.pause_until.filter(|t| *t > now)
     }
 
-    /// A call got through: count it, and past the hold probe upward.
+    /// A request is being sent now.
+    pub fn on_send(&mut self, now: Instant) {
+        self.throughput.sent(now);
+    }
+
+    /// A call got through: count it, and past the hold raise the rate additively.
     pub fn on_success(&mut self, now: Instant) {
         self.throughput.record(now);
         let holding = self.hold_until.is_some_and(|h| now < h);
@@ -171,28 +198,47 @@ impl Aimd {
         {
             let dt = now
                 .saturating_duration_since(prev)
-                .min(Duration::from_secs(1));
-            let grown = self.rate * (1.0 + self.cfg.increase_per_sec * dt.as_secs_f64());
+                .min(Duration::from_secs(1))
+                .as_secs_f64();
+            let recovering = self.level.is_some_and(|l| self.rate < 0.99 * l);
+            let step = if recovering {
+                self.cfg.recover
+            } else {
+                let probing = self.hold_until.map_or(Duration::from_secs(3600), |h| {
+                    now.saturating_duration_since(h)
+                });
+                let x = probing.as_secs_f64() / self.cfg.probe_ramp.as_secs_f64();
+                self.cfg.probe * (1.0 + x * x)
+            };
+            let mut grown = self.rate + step * dt;
+            if recovering && let Some(l) = self.level {
+                grown = grown.min(0.99 * l);
+            }
             self.rate = grown.min(self.cfg.ceiling);
         }
         self.last_success = Some(now);
     }
 
-    /// A 429: pause everyone until `retry_after`; cut to the share just achieved, once per
-    /// throttling episode, and hold there before probing again.
-    pub fn on_throttle(&mut self, now: Instant, retry_after: Option<Duration>) {
+    /// A 429: pause everyone until `retry_after` (plus `jitter`, capped by the config); cut
+    /// to the share just achieved, once per throttling episode, and hold there after the
+    /// pause before probing again.
+    pub fn on_throttle(&mut self, now: Instant, retry_after: Option<Duration>, jitter: f64) {
         let wait = retry_after.unwrap_or(self.cfg.default_retry_after);
-        let until = now + wait;
+        let jitter = self
+            .cfg
+            .max_jitter
+            .min(wait / 5)
+            .mul_f64(jitter.clamp(0.0, 1.0));
+        let until = now + wait + jitter;
         self.pause_until = Some(self.pause_until.map_or(until, |p| p.max(until)));
         let episode = wait.max(Duration::from_secs(1));
         let fresh = self
             .last_decrease
             .is_none_or(|t| now.saturating_duration_since(t) >= episode);
         if fresh {
-            let achieved = self.throughput.rate(now);
-            let base = match achieved {
+            let base = match self.throughput.rate(now) {
                 Some(a) if a > 0.0 => a.min(self.rate),
-                // Too early to know our share: halve.
+                // Too little seen to know our share: halve.
                 _ => self.rate * 0.5,
             };
             self.level = Some(base);
@@ -200,16 +246,16 @@ impl Aimd {
             // 429s close together mean the probing is too eager: hold longer.
             let recent = self
                 .last_decrease
-                .is_some_and(|t| now.saturating_duration_since(t) < self.hold * 4);
+                .is_some_and(|t| now.saturating_duration_since(t) < (self.hold + episode) * 2);
             self.hold = if recent {
                 (self.hold * 2).min(self.cfg.max_hold)
             } else {
                 self.cfg.hold
             };
             self.last_decrease = Some(now);
-            self.hold_until = Some(until + self.hold);
-            self.throughput.reset();
         }
+        let paused_until = self.pause_until.unwrap_or(until);
+        self.hold_until = Some(paused_until + self.hold);
         // Successes during the pause must not count as time spent unthrottled.
         self.last_success = None;
     }
@@ -266,7 +312,7 @@ impl Limiter {
             aimd: Mutex::new(Aimd::new(cfg)),
             wake: Notify::new(),
         });
-        tokio::spawn(dispatch(Arc::downgrade(&inner), cfg.burst));
+        tokio::spawn(dispatch(Arc::downgrade(&inner)));
         Self { inner }
     }
 
@@ -290,7 +336,8 @@ impl Limiter {
     }
 
     pub fn on_throttle(&self, retry_after: Option<Duration>) {
-        lock(&self.inner.aimd).on_throttle(Instant::now(), retry_after);
+        let jitter = rand::random::<f64>();
+        lock(&self.inner.aimd).on_throttle(Instant::now(), retry_after, jitter);
         self.inner.wake.notify_one();
     }
 
@@ -329,13 +376,17 @@ fn bucket(rate: f64, burst: u32, drained: bool) -> Bucket {
     limiter
 }
 
-async fn dispatch(inner: Weak<Inner>, burst: u32) {
+async fn dispatch(inner: Weak<Inner>) {
     let clock = DefaultClock::default();
-    let mut bucket_rate = match inner.upgrade() {
-        Some(i) => lock(&i.aimd).rate(),
+    let (mut bucket_rate, mut bucket_burst) = match inner.upgrade() {
+        Some(i) => {
+            let aimd = lock(&i.aimd);
+            (aimd.rate(), aimd.burst())
+        }
         None => return,
     };
-    let mut limiter = bucket(bucket_rate, burst, false);
+    let mut limiter = bucket(bucket_rate, bucket_burst, false);
+    let mut paused = false;
     loop {
         let Some(inner) = inner.upgrade() else { return };
         if lock(&inner.queues).is_empty() {
@@ -343,18 +394,23 @@ async fn dispatch(inner: Weak<Inner>, burst: u32) {
             let _ = tokio::time::timeout(Duration::from_secs(1), inner.wake.notified()).await;
             continue;
         }
-        let (rate, pause) = {
+        let (rate, burst, pause) = {
             let aimd = lock(&inner.aimd);
-            (aimd.rate(), aimd.paused_until(Instant::now()))
+            (aimd.rate(), aimd.burst(), aimd.paused_until(Instant::now()))
         };
         if let Some(until) = pause {
             drop(inner);
             tokio::time::sleep_until(until).await;
+            paused = true;
             continue;
         }
-        if (rate - bucket_rate).abs() / bucket_rate > 0.02 {
+        // After a pause, or when the rate moved, start from an empty bucket: what accrued
+        // while paused or at the old rate must not come out as one burst.
+        if paused || (rate - bucket_rate).abs() / bucket_rate > 0.02 || burst != bucket_burst {
             limiter = bucket(rate, burst, true);
             bucket_rate = rate;
+            bucket_burst = burst;
+            paused = false;
         }
         match limiter.check() {
             Ok(()) => {
@@ -362,6 +418,7 @@ async fn dispatch(inner: Weak<Inner>, burst: u32) {
                 // A waiter that gave up (its future was dropped) does not use the token.
                 while let Some(waiter) = q.pop() {
                     if waiter.send(()).is_ok() {
+                        lock(&inner.aimd).on_send(Instant::now());
                         break;
                     }
                 }
@@ -386,10 +443,11 @@ mod tests {
         // Two seconds at 40 successes per second: our share of the quota.
         let mut t = t0;
         for _ in 0..80 {
+            a.on_send(t);
             a.on_success(t);
             t += Duration::from_millis(25);
         }
-        a.on_throttle(t, Some(Duration::from_secs(2)));
+        a.on_throttle(t, Some(Duration::from_secs(2)), 0.0);
         assert!(
             (a.rate() - 38.0).abs() < 2.5,
             "cut to ~0.95 x 40: {}",
@@ -398,17 +456,23 @@ mod tests {
         assert_eq!(a.paused_until(t), Some(t + Duration::from_secs(2)));
         let cut = a.rate();
         // More 429s of the same episode do not cut again.
-        a.on_throttle(t + Duration::from_millis(10), Some(Duration::from_secs(1)));
+        a.on_throttle(
+            t + Duration::from_millis(10),
+            Some(Duration::from_secs(1)),
+            0.5,
+        );
         assert_eq!(a.rate(), cut);
         // Held for the pause plus the hold: no increase.
         let mut u = t + Duration::from_secs(2);
-        for _ in 0..15 {
+        for _ in 0..10 {
+            a.on_send(u);
             a.on_success(u);
             u += Duration::from_millis(100);
         }
         assert_eq!(a.rate(), cut, "holding");
         // Then it recovers quickly to just below the throttled share…
-        for _ in 0..30 {
+        for _ in 0..10 {
+            a.on_send(u);
             a.on_success(u);
             u += Duration::from_millis(100);
         }
@@ -419,6 +483,7 @@ mod tests {
         );
         // …and probes slowly on up to the ceiling, never beyond.
         for _ in 0..2000 {
+            a.on_send(u);
             a.on_success(u);
             u += Duration::from_millis(100);
         }
@@ -429,11 +494,103 @@ mod tests {
     fn an_early_429_halves_and_repeated_ones_lengthen_the_hold() {
         let t0 = Instant::now();
         let mut a = Aimd::new(AimdConfig::new(100.0, 10));
-        a.on_throttle(t0, None);
+        a.on_throttle(t0, None, 0.0);
         assert!((a.rate() - 47.5).abs() < 1e-9, "{}", a.rate());
+        assert_eq!(a.burst(), 5, "the burst shrinks with the rate");
         let first_hold = a.hold;
-        a.on_throttle(t0 + Duration::from_secs(2), None);
+        a.on_throttle(t0 + Duration::from_secs(2), None, 0.0);
         assert!(a.hold > first_hold);
+    }
+
+    #[test]
+    fn the_share_is_measured_over_the_time_not_spent_paused() {
+        let mut a = Aimd::new(AimdConfig::new(100.0, 10));
+        let mut t = Instant::now();
+        for _ in 0..60 {
+            a.on_send(t);
+            a.on_success(t);
+            t += Duration::from_millis(25);
+        }
+        a.on_throttle(t, Some(Duration::from_secs(1)), 0.0);
+        assert!((a.rate() - 38.0).abs() < 2.5, "{}", a.rate());
+        // After the pause, the same 40 per second again, then another 429.
+        let mut u = t + Duration::from_secs(1);
+        for _ in 0..24 {
+            a.on_send(u);
+            a.on_success(u);
+            u += Duration::from_millis(25);
+        }
+        a.on_throttle(u, Some(Duration::from_secs(1)), 0.0);
+        // 40 successes in the last 2 s, one of them paused: a share of 40/s, not 20/s.
+        assert!(a.rate() > 34.0, "{}", a.rate());
+    }
+
+    #[test]
+    fn probing_is_gentle_near_the_level_and_fast_once_the_quota_is_free() {
+        let cfg = AimdConfig::new(400.0, 50);
+        let mut a = Aimd::new(cfg);
+        let mut t = Instant::now();
+        for _ in 0..100 {
+            a.on_send(t);
+            a.on_success(t);
+            t += Duration::from_millis(20);
+        }
+        // A share of about 50 per second: cut by 5 %, paused 1 s, held 1 s.
+        a.on_throttle(t, Some(Duration::from_secs(1)), 0.0);
+        assert!(a.rate() > 44.0 && a.rate() < 48.0, "{}", a.rate());
+        let mut u = t + Duration::from_secs(2);
+        let mut step = || {
+            a.on_send(u);
+            a.on_success(u);
+            u += Duration::from_millis(10);
+            a.rate()
+        };
+        // Half a second brings it back to 0.99 × the share…
+        for _ in 0..50 {
+            step();
+        }
+        // …and the next second adds no more than a few requests per second.
+        let mut r = 0.0;
+        for _ in 0..100 {
+            r = step();
+        }
+        assert!(r > 46.5 && r < 54.0, "{r}");
+        // The neighbours are gone: three times the share within 15 s, the ceiling later.
+        for _ in 0..1500 {
+            r = step();
+        }
+        assert!(r > 150.0, "{r}");
+        for _ in 0..3000 {
+            r = step();
+        }
+        assert!((r - 400.0).abs() < 1e-9, "{r}");
+    }
+
+    #[test]
+    fn a_pause_ends_within_the_jitter_cap_of_retry_after() {
+        let mut a = Aimd::new(AimdConfig::new(100.0, 10));
+        let t = Instant::now();
+        a.on_throttle(t, Some(Duration::from_secs(3)), 1.0);
+        assert_eq!(
+            a.paused_until(t),
+            Some(t + Duration::from_secs(3) + Duration::from_millis(200))
+        );
+    }
+
+    #[test]
+    fn idle_time_does_not_dilute_the_share() {
+        let mut a = Aimd::new(AimdConfig::new(100.0, 10));
+        let mut t = Instant::now();
+        a.on_send(t);
+        a.on_success(t);
+        t += Duration::from_secs(10);
+        for _ in 0..40 {
+            a.on_send(t);
+            a.on_success(t);
+            t += Duration::from_millis(25);
+        }
+        a.on_throttle(t, Some(Duration::from_secs(1)), 0.0);
+        assert!(a.rate() > 34.0 && a.rate() < 40.0, "{}", a.rate());
     }
 
     #[test]
@@ -441,7 +598,7 @@ mod tests {
         let mut a = Aimd::new(AimdConfig::new(10.0, 1));
         let mut t = Instant::now();
         for _ in 0..100 {
-            a.on_throttle(t, Some(Duration::ZERO));
+            a.on_throttle(t, Some(Duration::ZERO), 1.0);
             t += Duration::from_secs(2);
         }
         assert!(a.rate() >= 0.2);
