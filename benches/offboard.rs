@@ -248,21 +248,41 @@ fn loadavg() -> String {
         .join(" ")
 }
 
-fn load1() -> f64 {
-    loadavg()
+/// Total and idle CPU ticks of the machine (`/proc/stat`).
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()?
         .split_whitespace()
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0.0)
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // idle + iowait
+    Some((v.iter().sum(), v.get(3)? + v.get(4).copied().unwrap_or(0)))
 }
 
-/// Waits (bounded) for the 1-minute load to drop below `max` so runs are comparable.
-fn settle(max: f64, within: Duration) -> String {
+/// Waits (bounded by `within`) until the machine is quiet — at least 90 % of the CPU idle over
+/// a one-second sample — so runs are comparable, and says how busy it was. (The 1-minute load
+/// average, used at first, decays too slowly after a run to say when the machine is quiet.)
+fn settle(max_busy: f64, within: Duration) -> String {
     let until = Instant::now() + within;
-    while load1() > max && Instant::now() < until {
-        std::thread::sleep(Duration::from_secs(2));
+    let mut busy = f64::NAN;
+    loop {
+        if let Some((t0, i0)) = cpu_ticks() {
+            std::thread::sleep(Duration::from_secs(1));
+            if let Some((t1, i1)) = cpu_ticks() {
+                let dt = t1.saturating_sub(t0).max(1) as f64;
+                busy = 1.0 - (i1.saturating_sub(i0)) as f64 / dt;
+            }
+        } else {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        if busy.is_nan() || busy <= max_busy || Instant::now() >= until {
+            break;
+        }
     }
-    loadavg()
+    format!("{:.0} % CPU busy, load {}", 100.0 * busy, loadavg())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -767,7 +787,7 @@ fn beam_pid() -> Option<u32> {
 }
 
 async fn saga_run(opts: &Opts, spec: &SagaSpec<'_>) -> anyhow::Result<SagaRun> {
-    let load = settle(0.7, Duration::from_secs(if opts.quick { 5 } else { 60 }));
+    let load = settle(0.1, Duration::from_secs(if opts.quick { 5 } else { 30 }));
     let stack = Stack::start(opts, spec.tag, &spec.sim)?;
     let result = saga_run_on(&stack, spec, load).await;
     if result.is_err() {
@@ -1353,7 +1373,7 @@ async fn layoff(opts: &Opts, rep: &mut Report) -> anyhow::Result<Vec<SagaRun>> {
     );
     let _ = writeln!(
         m,
-        "\nOutcomes per run (completed/failed/held of {n}): {}. Cross-check, simulator vs the worker's `/metrics`: {}. 1-minute load before each run: {}.\n",
+        "\nOutcomes per run (completed/failed/held of {n}): {}. Cross-check, simulator vs the worker's `/metrics`: {}. machine before each run: {}.\n",
         runs.iter()
             .map(|r| format!("{}/{}/{}", r.completed, r.failed, r.held))
             .collect::<Vec<_>>()
@@ -1494,7 +1514,7 @@ async fn scaleout(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         m0,
-        "| processes | utilisation (target ≥ 0.90) | 429 share (target ≤ 2 %) | wall time | sim total / worker total requests | load before |\n|---|---|---|---|---|---|"
+        "| processes | utilisation (target ≥ 0.90) | 429 share (target ≤ 2 %) | wall time | sim total / worker total requests | machine before |\n|---|---|---|---|---|---|"
     );
     let mut plots = Vec::new();
     for procs in [1usize, 2, 4] {
@@ -1853,7 +1873,7 @@ async fn memory(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
 
 async fn startup(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
     let runs = if opts.quick { 3 } else { 5.max(opts.runs) };
-    let load = settle(0.7, Duration::from_secs(if opts.quick { 5 } else { 60 }));
+    let load = settle(0.1, Duration::from_secs(if opts.quick { 5 } else { 30 }));
     let stack = Stack::start(
         opts,
         "startup",
@@ -1934,8 +1954,8 @@ async fn sim_throughput(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
     for i in 0..opts.runs {
         eprintln!("[bench] simulator throughput run {}/{}", i + 1, opts.runs);
         loads.push(settle(
-            0.7,
-            Duration::from_secs(if opts.quick { 5 } else { 60 }),
+            0.1,
+            Duration::from_secs(if opts.quick { 5 } else { 30 }),
         ));
         let stack = Stack::start(
             opts,
@@ -2173,7 +2193,7 @@ fn main() -> anyhow::Result<()> {
     let _ = writeln!(md, "\n## Machine and versions\n\n{}", machine());
     let _ = writeln!(
         md,
-        "## Reproduce\n\n```sh\nmake bench         # all workloads, 3 runs each; writes BENCHMARKS.md and docs/bench/*.svg (~25 min)\nmake bench-quick   # scaled down, 1 run each; writes target/bench-quick/ (< 3 min)\n# one workload: scripts/bench.sh --only layoff   (layoff,scaleout,overhead,memory,startup,simtp)\n```\n\n`scripts/bench.sh` starts RabbitMQ and installs moto if needed (`scripts/services.sh up`), then runs `cargo bench --bench offboard -- ARGS`. Each run uses a fresh moto instance and bucket, random broker-name prefixes (deleted afterwards), its own simulator process, and waits (≤ 60 s) for the 1-minute load to drop below 0.7 first.\n"
+        "## Reproduce\n\n```sh\nmake bench         # all workloads, 3 runs each; writes BENCHMARKS.md and docs/bench/*.svg (~45 min)\nmake bench-quick   # scaled down, 1 run each; writes target/bench-quick/ (< 3 min)\n# one workload: scripts/bench.sh --only layoff   (layoff,scaleout,overhead,memory,startup,simtp)\n```\n\n`scripts/bench.sh` starts RabbitMQ and installs moto if needed (`scripts/services.sh up`), then runs `cargo bench --bench offboard -- ARGS`. Each run uses a fresh moto instance and bucket, random broker-name prefixes (deleted afterwards), its own simulator process, and waits (≤ 30 s) for the machine to be quiet first (≥ 90 % of the CPU idle over one second).\n"
     );
     md.push_str(&rep.md);
     md.push('\n');

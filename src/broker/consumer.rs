@@ -414,7 +414,7 @@ impl<H: Handler> Task<H> {
         if count < self.rescue.at || rescues >= MAX_RESCUES {
             return false;
         }
-        let mut fresh = delivery.properties.headers().clone().unwrap_or_default();
+        let mut fresh = headers::for_republish(delivery.properties.headers().as_ref());
         headers::set_int(&mut fresh, RESCUES, rescues + 1);
         if headers::get_str(Some(&fresh), headers::ORIGINAL_EXCHANGE).is_none() {
             headers::set_str(

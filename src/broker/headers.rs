@@ -51,6 +51,23 @@ fn get_int_value(value: &AMQPValue) -> Option<i64> {
     }
 }
 
+/// The headers of a delivery, for a message published anew: without `x-delivery-count`, which
+/// the broker sets on redelivery. Copied into a fresh message it would make the copy look
+/// redelivered (and, at the rescue threshold, be rescued again at once).
+pub fn for_republish(table: Option<&FieldTable>) -> FieldTable {
+    let Some(table) = table else {
+        return FieldTable::default();
+    };
+    FieldTable::from(
+        table
+            .inner()
+            .iter()
+            .filter(|(k, _)| k.as_str() != DELIVERY_COUNT)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>(),
+    )
+}
+
 pub fn set_str(table: &mut FieldTable, key: &str, value: &str) {
     table.insert(
         ShortString::from(key),
@@ -77,6 +94,20 @@ pub fn truncate_bytes(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_republished_copy_does_not_carry_the_delivery_count() {
+        let mut t = FieldTable::default();
+        set_int(&mut t, DELIVERY_COUNT, 3);
+        set_str(&mut t, ORIGINAL_EXCHANGE, "hr.events");
+        let fresh = for_republish(Some(&t));
+        assert_eq!(get_int(Some(&fresh), DELIVERY_COUNT), None);
+        assert_eq!(
+            get_str(Some(&fresh), ORIGINAL_EXCHANGE).as_deref(),
+            Some("hr.events")
+        );
+        assert!(for_republish(None).inner().is_empty());
+    }
 
     #[test]
     fn roundtrip() {

@@ -263,7 +263,7 @@ impl DeadReader {
 
 /// A copy of `properties` with `x-offboard-replay-count` set to `count`; everything else kept.
 pub fn with_replay_count(properties: &BasicProperties, count: i64) -> BasicProperties {
-    let mut table = properties.headers().clone().unwrap_or_default();
+    let mut table = headers::for_republish(properties.headers().as_ref());
     headers::set_int(&mut table, headers::REPLAY_COUNT, count);
     properties.clone().with_headers(table)
 }

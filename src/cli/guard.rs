@@ -191,7 +191,7 @@ async fn release(
             }
             seen.insert(employee.clone());
             if !args.dry_run {
-                let mut table = m.properties.headers().clone().unwrap_or_default();
+                let mut table = headers::for_republish(m.properties.headers().as_ref());
                 headers::set_str(&mut table, GUARD_RELEASED, &stamp);
                 let props = m.properties.clone().with_headers(table);
                 publisher

@@ -41,7 +41,7 @@ impl<C: Cxone, S: Store> SagaHandler<C, S> {
         set: &[(&str, String)],
         incr: Option<&str>,
     ) -> Result<(), crate::broker::publisher::PublishError> {
-        let mut table = msg.properties.headers().clone().unwrap_or_default();
+        let mut table = headers::for_republish(msg.properties.headers().as_ref());
         if headers::get_str(Some(&table), headers::ORIGINAL_EXCHANGE).is_none() {
             headers::set_str(&mut table, headers::ORIGINAL_EXCHANGE, &msg.exchange);
             headers::set_str(&mut table, headers::ORIGINAL_ROUTING_KEY, &msg.routing_key);
