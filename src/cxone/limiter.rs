@@ -2,7 +2,7 @@
 //! *revoke* class before *housekeeping*, and an AIMD controller that pauses every caller on a
 //! 429 until `Retry-After`, cuts the rate to just below the share of the quota this process
 //! actually achieved while busy, and raises it additively on success up to the configured
-//! ceiling (gently near that share, faster the longer no 429 arrives). Replicas sharing a
+//! ceiling (gently just after a cut, faster the longer no 429 arrives). Replicas sharing a
 //! tenant quota converge on it without talking to each other, as TCP flows share a link; see
 //! docs/decisions.md for the numbers.
 
@@ -41,12 +41,11 @@ pub struct AimdConfig {
     pub hold: Duration,
     /// Repeated 429s double the hold up to this.
     pub max_hold: Duration,
-    /// Recovery: requests per second added per second while below 0.99 × the level that was
-    /// throttled.
-    pub recover: f64,
-    /// Probing: requests per second added per second once back at that level; the step grows
-    /// the longer no 429 arrives (`probe × (1 + (t / probe_ramp)²)`), so a process whose
-    /// neighbours have gone idle takes up the quota in seconds, not minutes.
+    /// Probing after the hold: requests per second added per second, growing the longer no
+    /// 429 arrives (`probe × (1 + (t / probe_ramp)³)`): gentle just after a cut, where the
+    /// quota was found, so one process alone meets a 429 rarely; fast once no 429 has come
+    /// for a while, so a process whose neighbours have gone idle takes up the quota in
+    /// seconds.
     pub probe: f64,
     pub probe_ramp: Duration,
     /// Pause when a 429 carries no `Retry-After`.
@@ -65,9 +64,8 @@ impl AimdConfig {
             decrease: 0.95,
             hold: Duration::from_secs(1),
             max_hold: Duration::from_secs(4),
-            recover: ceiling * 0.05,
-            probe: ceiling * 0.0025,
-            probe_ramp: Duration::from_secs(4),
+            probe: ceiling * 0.00125,
+            probe_ramp: Duration::from_millis(3500),
             default_retry_after: Duration::from_secs(1),
             max_jitter: Duration::from_millis(200),
         }
@@ -77,10 +75,12 @@ impl AimdConfig {
 /// Successes per 100 ms slot over the last two seconds, and which slots saw a request sent:
 /// the throughput achieved while there was work and permission to send. Idle time and
 /// pauses do not dilute it.
+const WINDOW_SLOTS: usize = 50;
+
 #[derive(Debug, Clone)]
 struct Throughput {
-    slots: [u32; 20],
-    busy: [bool; 20],
+    slots: [u32; WINDOW_SLOTS],
+    busy: [bool; WINDOW_SLOTS],
     /// Index of the slot of `slot_start`.
     head: usize,
     slot_start: Option<Instant>,
@@ -91,8 +91,8 @@ impl Throughput {
 
     fn new() -> Self {
         Self {
-            slots: [0; 20],
-            busy: [false; 20],
+            slots: [0; WINDOW_SLOTS],
+            busy: [false; WINDOW_SLOTS],
             head: 0,
             slot_start: None,
         }
@@ -104,14 +104,14 @@ impl Throughput {
             return;
         };
         let mut steps = 0;
-        while now.saturating_duration_since(start) >= Self::SLOT && steps < 21 {
+        while now.saturating_duration_since(start) >= Self::SLOT && steps <= WINDOW_SLOTS {
             start += Self::SLOT;
             self.head = (self.head + 1) % self.slots.len();
             self.slots[self.head] = 0;
             self.busy[self.head] = false;
             steps += 1;
         }
-        if steps >= 21 {
+        if steps > WINDOW_SLOTS {
             start = now;
         }
         self.slot_start = Some(start);
@@ -150,8 +150,6 @@ pub struct Aimd {
     hold_until: Option<Instant>,
     hold: Duration,
     throughput: Throughput,
-    /// The share achieved when last throttled: recover quickly to just below it, then probe.
-    level: Option<f64>,
 }
 
 impl Aimd {
@@ -165,7 +163,6 @@ impl Aimd {
             pause_until: None,
             hold_until: None,
             throughput: Throughput::new(),
-            level: None,
         }
     }
 
@@ -200,21 +197,12 @@ impl Aimd {
                 .saturating_duration_since(prev)
                 .min(Duration::from_secs(1))
                 .as_secs_f64();
-            let recovering = self.level.is_some_and(|l| self.rate < 0.99 * l);
-            let step = if recovering {
-                self.cfg.recover
-            } else {
-                let probing = self.hold_until.map_or(Duration::from_secs(3600), |h| {
-                    now.saturating_duration_since(h)
-                });
-                let x = probing.as_secs_f64() / self.cfg.probe_ramp.as_secs_f64();
-                self.cfg.probe * (1.0 + x * x)
-            };
-            let mut grown = self.rate + step * dt;
-            if recovering && let Some(l) = self.level {
-                grown = grown.min(0.99 * l);
-            }
-            self.rate = grown.min(self.cfg.ceiling);
+            let probing = self.hold_until.map_or(Duration::from_secs(3600), |h| {
+                now.saturating_duration_since(h)
+            });
+            let x = probing.as_secs_f64() / self.cfg.probe_ramp.as_secs_f64();
+            let step = self.cfg.probe * (1.0 + x.powi(3));
+            self.rate = (self.rate + step * dt).min(self.cfg.ceiling);
         }
         self.last_success = Some(now);
     }
@@ -241,7 +229,6 @@ impl Aimd {
                 // Too little seen to know our share: halve.
                 _ => self.rate * 0.5,
             };
-            self.level = Some(base);
             self.rate = (base * self.cfg.decrease).clamp(self.cfg.floor, self.cfg.ceiling);
             // 429s close together mean the probing is too eager: hold longer.
             let recent = self
@@ -470,18 +457,18 @@ mod tests {
             u += Duration::from_millis(100);
         }
         assert_eq!(a.rate(), cut, "holding");
-        // Then it recovers quickly to just below the throttled share…
+        // Then it probes gently near the share it found…
         for _ in 0..10 {
             a.on_send(u);
             a.on_success(u);
             u += Duration::from_millis(100);
         }
         assert!(
-            a.rate() > 37.0 && a.rate() <= 0.99 * 40.0 + 1.0,
-            "{}",
+            a.rate() > cut && a.rate() < cut + 0.5,
+            "{} after {cut}",
             a.rate()
         );
-        // …and probes slowly on up to the ceiling, never beyond.
+        // …and ever faster on up to the ceiling, never beyond.
         for _ in 0..2000 {
             a.on_send(u);
             a.on_success(u);
@@ -538,6 +525,7 @@ mod tests {
         // A share of about 50 per second: cut by 5 %, paused 1 s, held 1 s.
         a.on_throttle(t, Some(Duration::from_secs(1)), 0.0);
         assert!(a.rate() > 44.0 && a.rate() < 48.0, "{}", a.rate());
+        let cut = a.rate();
         let mut u = t + Duration::from_secs(2);
         let mut step = || {
             a.on_send(u);
@@ -545,16 +533,12 @@ mod tests {
             u += Duration::from_millis(10);
             a.rate()
         };
-        // Half a second brings it back to 0.99 × the share…
-        for _ in 0..50 {
-            step();
-        }
-        // …and the next second adds no more than a few requests per second.
+        // The first one and a half seconds of probing add about one request per second…
         let mut r = 0.0;
-        for _ in 0..100 {
+        for _ in 0..150 {
             r = step();
         }
-        assert!(r > 46.5 && r < 54.0, "{r}");
+        assert!(r > cut && r < cut + 2.0, "{r} after {cut}");
         // The neighbours are gone: three times the share within 15 s, the ceiling later.
         for _ in 0..1500 {
             r = step();
