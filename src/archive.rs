@@ -55,7 +55,9 @@ impl<'a, S: Store> ArchiveWriter<'a, S> {
         Ok(Self {
             store,
             key,
-            buffer: Vec::with_capacity(64 * 1024),
+            // Grows with the history: thousands of sagas may hold a writer at once while their
+            // page requests wait for the quota, and most histories are a few kilobytes.
+            buffer: Vec::new(),
             upload: None,
             parts: Vec::new(),
             hasher: Sha256::new(),
@@ -85,7 +87,7 @@ impl<'a, S: Store> ArchiveWriter<'a, S> {
             }
         };
         // The next part's buffer starts small: only one full part is in memory at a time.
-        let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(64 * 1024));
+        let chunk = std::mem::take(&mut self.buffer);
         self.hasher.update(&chunk);
         self.bytes += chunk.len() as u64;
         let number = i32::try_from(self.parts.len() + 1).unwrap_or(i32::MAX);

@@ -11,6 +11,7 @@ use aws_sdk_s3::config::Region;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
+use futures_util::FutureExt;
 
 use crate::config::S3Settings;
 
@@ -139,6 +140,7 @@ pub async fn check_bucket(client: &aws_sdk_s3::Client, bucket: &str) -> anyhow::
         .head_bucket()
         .bucket(bucket)
         .send()
+        .boxed()
         .await
         .map_err(|e| anyhow::anyhow!("{}", describe_sdk_error(&e)))
         .with_context(|| format!("bucket `{bucket}` is not reachable"))?;
@@ -212,7 +214,14 @@ pub struct S3 {
     client: aws_sdk_s3::Client,
     bucket: String,
     lock: Option<(aws_sdk_s3::types::ObjectLockMode, u32)>,
+    /// Requests in flight at once. Thousands of sagas may reach a journal write together; each
+    /// unbounded request would hold a connection and its buffers (the layoff benchmark's peak
+    /// RSS), and the S3 server serves a queue no faster than a crowd.
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
 }
+
+/// See [`S3::slots`].
+const S3_MAX_IN_FLIGHT: usize = 64;
 
 impl S3 {
     pub async fn new(settings: &S3Settings) -> Self {
@@ -226,7 +235,14 @@ impl S3 {
             client: client(settings).await,
             bucket: settings.bucket.clone(),
             lock,
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(S3_MAX_IN_FLIGHT)),
         }
+    }
+
+    /// A request slot; held until the request (and its body) is done.
+    async fn slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        // The semaphore is never closed.
+        self.slots.acquire().await.ok()
     }
 
     pub fn bucket(&self) -> &str {
@@ -244,12 +260,14 @@ impl S3 {
 
 impl Store for S3 {
     async fn get(&self, key: &str) -> Result<Option<Object>, StoreError> {
+        let _slot = self.slot().await;
         let result = self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(key)
             .send()
+            .boxed()
             .await;
         match result {
             Ok(out) => {
@@ -284,6 +302,7 @@ impl Store for S3 {
         content_type: &str,
         write: Write,
     ) -> Result<String, StoreError> {
+        let _slot = self.slot().await;
         let mut req = self
             .client
             .put_object()
@@ -298,6 +317,7 @@ impl Store for S3 {
             Write::Replace(etag) => req = req.if_match(etag),
         }
         req.send()
+            .boxed()
             .await
             .map(|out| out.e_tag().unwrap_or_default().to_owned())
             .map_err(|e| classify("PUT", key, &e))
@@ -312,6 +332,7 @@ impl Store for S3 {
         let Some((mode, days)) = &self.lock else {
             return self.put(key, body, content_type, Write::Create).await;
         };
+        let _slot = self.slot().await;
         let until = chrono::Utc::now() + chrono::Duration::days(i64::from(*days));
         self.client
             .put_object()
@@ -326,12 +347,14 @@ impl Store for S3 {
             ))
             .body(ByteStream::from(body))
             .send()
+            .boxed()
             .await
             .map(|out| out.e_tag().unwrap_or_default().to_owned())
             .map_err(|e| classify("PUT", key, &e))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let _slot = self.slot().await;
         let mut keys = Vec::new();
         let mut pages = self
             .client
@@ -352,17 +375,20 @@ impl Store for S3 {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let _slot = self.slot().await;
         self.client
             .delete_object()
             .bucket(&self.bucket)
             .key(key)
             .send()
+            .boxed()
             .await
             .map(|_| ())
             .map_err(|e| classify("DELETE", key, &e))
     }
 
     async fn start_upload(&self, key: &str, content_type: &str) -> Result<String, StoreError> {
+        let _slot = self.slot().await;
         let out = self
             .client
             .create_multipart_upload()
@@ -371,6 +397,7 @@ impl Store for S3 {
             .content_type(content_type)
             .checksum_algorithm(ChecksumAlgorithm::Sha256)
             .send()
+            .boxed()
             .await
             .map_err(|e| classify("CreateMultipartUpload", key, &e))?;
         out.upload_id()
@@ -389,6 +416,7 @@ impl Store for S3 {
         number: i32,
         body: Bytes,
     ) -> Result<Part, StoreError> {
+        let _slot = self.slot().await;
         let out = self
             .client
             .upload_part()
@@ -399,6 +427,7 @@ impl Store for S3 {
             .checksum_algorithm(ChecksumAlgorithm::Sha256)
             .body(ByteStream::from(body))
             .send()
+            .boxed()
             .await
             .map_err(|e| classify("UploadPart", key, &e))?;
         Ok(Part {
@@ -414,6 +443,7 @@ impl Store for S3 {
         upload_id: &str,
         parts: Vec<Part>,
     ) -> Result<(), StoreError> {
+        let _slot = self.slot().await;
         let completed = CompletedMultipartUpload::builder()
             .set_parts(Some(
                 parts
@@ -436,6 +466,7 @@ impl Store for S3 {
             .upload_id(upload_id)
             .multipart_upload(completed)
             .send()
+            .boxed()
             .await;
         match result {
             Ok(_) => Ok(()),
@@ -456,6 +487,7 @@ impl Store for S3 {
     }
 
     async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
+        let _slot = self.slot().await;
         let result = self
             .client
             .abort_multipart_upload()
@@ -463,6 +495,7 @@ impl Store for S3 {
             .key(key)
             .upload_id(upload_id)
             .send()
+            .boxed()
             .await;
         match result {
             Ok(_) => Ok(()),
@@ -475,12 +508,14 @@ impl Store for S3 {
     }
 
     async fn pending_uploads(&self, key: &str) -> Result<Vec<String>, StoreError> {
+        let _slot = self.slot().await;
         let out = self
             .client
             .list_multipart_uploads()
             .bucket(&self.bucket)
             .prefix(key)
             .send()
+            .boxed()
             .await
             .map_err(|e| classify("ListMultipartUploads", key, &e))?;
         Ok(out

@@ -261,7 +261,14 @@ impl Client {
     }
 
     /// Sends with retries. Returns 2xx, 404 and `pass` statuses; everything else is an error.
+    ///
+    /// Boxed: thousands of sagas may be parked at once, and each would otherwise carry the
+    /// whole HTTP machinery inline in its future, waiting or not.
     async fn send(&self, req: Req) -> Result<Answer, CxoneError> {
+        Box::pin(self.send_inner(req)).await
+    }
+
+    async fn send_inner(&self, req: Req) -> Result<Answer, CxoneError> {
         let inner = &self.inner;
         let method_name: &'static str = method_str(&req.method);
         let err = |kind, status, message: String| {
