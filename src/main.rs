@@ -7,7 +7,7 @@ use cxone_offboard::cli::{self, Cli};
 
 /// Caps glibc's malloc arenas at two. With thousands of sagas spread over the runtime's
 /// threads, the default (eight per core) held about twice the memory in use: peak RSS in the
-/// layoff benchmark was 239 MiB with the default and 122 MiB with two arenas (BENCHMARKS.md).
+/// layoff benchmark was 239 MiB with the default and 109–149 MiB with two arenas (BENCHMARKS.md).
 /// An explicit `MALLOC_ARENA_MAX` in the environment wins.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
