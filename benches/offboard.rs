@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench offboard -- [--quick] [--runs N] [--out FILE] [--svg-dir DIR]
-//!                                 [--only layoff,scaleout,overhead,memory,startup,simtp]
+//!                                 [--only layoff,client,scaleout,overhead,memory,startup,simtp]
 //!                                 [--python PATH]
 //! ```
 //! `make bench` writes BENCHMARKS.md and docs/bench/*.svg; `make bench-quick` runs a scaled-down
@@ -285,6 +285,45 @@ fn settle(max_busy: f64, within: Duration) -> String {
     format!("{:.0} % CPU busy, load {}", 100.0 * busy, loadavg())
 }
 
+/// Starts `cxone-offboard sim` with these users and quota; returns it with its base URL.
+fn start_sim(dir: &Path, sim: &SimArgs) -> anyhow::Result<(Proc, String)> {
+    let sim_port = free_port()?;
+    let mut cmd = Command::new(BIN);
+    cmd.args(["sim", "--listen", &format!("127.0.0.1:{sim_port}")])
+        .args(["--users", &sim.users.to_string()])
+        .args(["--interactions-per-user", &sim.interactions.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped());
+    if let Some((rate, burst)) = sim.rate_limit {
+        cmd.args([
+            "--rate-limit",
+            &rate.to_string(),
+            "--burst",
+            &burst.to_string(),
+        ]);
+    }
+    let mut simp = Proc::spawn("sim", &mut cmd, &dir.join("sim.log"))?;
+    let stdout = simp.child.stdout.take().context("sim stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        // Keep draining so the simulator never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("simulator did not print its address")?;
+    let sim_url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .context("unexpected simulator banner")?
+        .to_owned();
+    Ok((simp, sim_url))
+}
+
 // ---------------------------------------------------------------------------------------------
 // One run's services
 
@@ -331,40 +370,7 @@ impl Stack {
         wait_port(s3_port, Duration::from_secs(20))?;
         let created = put_bucket(&format!("http://127.0.0.1:{s3_port}/{bucket}"));
         created.with_context(|| format!("creating bucket {bucket}"))?;
-        let sim_port = free_port()?;
-        let mut cmd = Command::new(BIN);
-        cmd.args(["sim", "--listen", &format!("127.0.0.1:{sim_port}")])
-            .args(["--users", &sim.users.to_string()])
-            .args(["--interactions-per-user", &sim.interactions.to_string()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped());
-        if let Some((rate, burst)) = sim.rate_limit {
-            cmd.args([
-                "--rate-limit",
-                &rate.to_string(),
-                "--burst",
-                &burst.to_string(),
-            ]);
-        }
-        let mut simp = Proc::spawn("sim", &mut cmd, &dir.join("sim.log"))?;
-        let stdout = simp.child.stdout.take().context("sim stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            // Keep draining so the simulator never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(10))
-            .context("simulator did not print its address")?;
-        let sim_url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .context("unexpected simulator banner")?
-            .to_owned();
+        let (simp, sim_url) = start_sim(&dir, sim)?;
         Ok(Self {
             dir,
             prefix: format!("bench-{short}."),
@@ -572,22 +578,7 @@ async fn worker_counts(http: &reqwest::Client, url: &str) -> Option<(f64, f64)> 
         .text()
         .await
         .ok()?;
-    let mut req = 0.0;
-    let mut thr = 0.0;
-    for line in text.lines() {
-        let value = || {
-            line.rsplit(' ')
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        if line.starts_with("offboard_cxone_requests_total{") {
-            req += value();
-        } else if line.starts_with("offboard_cxone_throttled_total") {
-            thr += value();
-        }
-    }
-    Some((req, thr))
+    Some(client_scaleout::parse_counts(&text))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -932,6 +923,36 @@ async fn saga_run_on(stack: &Stack, spec: &SagaSpec<'_>, load: String) -> anyhow
         samples,
         load,
     })
+}
+
+/// `BENCH_TRACE=1`: a line per second of a run — accepted and 429 answers at the simulator,
+/// then accepted/429 per worker process (their `/metrics`). A tuning aid for the limiter.
+fn trace(run: &SagaRun) {
+    let mut prev: Option<&Sample> = None;
+    for s in &run.samples {
+        if let Some(p) = prev {
+            if s.t - p.t < 1.0 {
+                continue;
+            }
+            let dt = s.t - p.t;
+            let mut line = format!(
+                "[trace] t={:5.1} sim ok {:4.0} 429 {:3.0} |",
+                s.t,
+                ((s.sim_total - s.sim_throttled) - (p.sim_total - p.sim_throttled)) as f64 / dt,
+                (s.sim_throttled - p.sim_throttled) as f64 / dt
+            );
+            for (w, pw) in s.workers.iter().zip(&p.workers) {
+                let _ = write!(
+                    line,
+                    " {:4.0}/{:2.0}",
+                    ((w.0 - w.1) - (pw.0 - pw.1)) / dt,
+                    (w.1 - pw.1) / dt
+                );
+            }
+            eprintln!("{line}");
+        }
+        prev = Some(s);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1504,7 +1525,7 @@ async fn scaleout(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
     let m0 = &mut rep.md;
     let _ = writeln!(
         m0,
-        "\n## 3. Scale-out: 1, 2 and 4 worker processes, each configured for 2R = {} req/s, against one quota R = {R}\n",
+        "\n## 3b. Scale-out of the whole worker: 1, 2 and 4 worker processes, each configured for 2R = {} req/s, against one quota R = {R}\n",
         2.0 * R
     );
     let _ = writeln!(
@@ -1514,10 +1535,15 @@ async fn scaleout(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         m0,
-        "| processes | utilisation (target ≥ 0.90) | 429 share (target ≤ 2 %) | wall time | sim total / worker total requests | machine before |\n|---|---|---|---|---|---|"
+        "| processes | utilisation (target ≥ 0.90) | 429 share (target ≤ 2 %) | wall time | sim total / worker total requests | S3 server (moto) CPU, cores | machine before |\n|---|---|---|---|---|---|---|"
     );
     let mut plots = Vec::new();
-    for procs in [1usize, 2, 4] {
+    // `BENCH_SCALEOUT_PROCS=4` (a tuning aid): only those process counts.
+    let counts: Vec<usize> = std::env::var("BENCH_SCALEOUT_PROCS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 4]);
+    for procs in counts {
         let mut runs = Vec::new();
         for i in 0..opts.runs {
             eprintln!(
@@ -1553,6 +1579,9 @@ async fn scaleout(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
                 r.sim.throttled,
                 (r.sim.total - r.sim.throttled) as f64 / (R * r.wall)
             );
+            if std::env::var_os("BENCH_TRACE").is_some() {
+                trace(&r);
+            }
             runs.push(r);
         }
         let util: Vec<f64> = runs
@@ -1568,7 +1597,7 @@ async fn scaleout(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
         let (mt, ..) = mmm(&thr);
         let _ = writeln!(
             rep.md,
-            "| {procs} | {} {} | {} {} | {} | {} | {} |",
+            "| {procs} | {} {} | {} {} | {} | {} | {} | {} |",
             fmt_mmm(&util, 3, ""),
             verdict(mu >= 0.90),
             fmt_mmm(&thr, 2, " %"),
@@ -1578,75 +1607,64 @@ async fn scaleout(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
                 .map(|r| format!("{}/{:.0}", r.sim.total, r.worker_requests))
                 .collect::<Vec<_>>()
                 .join(", "),
+            fmt_mmm(
+                &runs
+                    .iter()
+                    .map(|r| {
+                        r.other_cpu
+                            .iter()
+                            .find(|(n, _)| n.starts_with("S3"))
+                            .map_or(f64::NAN, |(_, c)| c / r.wall)
+                    })
+                    .collect::<Vec<_>>(),
+                2,
+                ""
+            ),
             runs.iter()
                 .map(|r| r.load.split(' ').next().unwrap_or("").to_owned())
                 .collect::<Vec<_>>()
                 .join(", "),
         );
         rep.row(
-            &format!("3. Scale-out {procs} process(es): utilisation"),
+            &format!("3b. Whole worker, {procs} process(es) at 2R: utilisation"),
             "≥ 0.90",
             fmt_mmm(&util, 3, ""),
             Some(mu >= 0.90),
         );
         rep.row(
-            &format!("3. Scale-out {procs} process(es): 429 share"),
+            &format!("3b. Whole worker, {procs} process(es) at 2R: 429 share"),
             "≤ 2 %",
             fmt_mmm(&thr, 2, " %"),
             Some(mt <= 2.0),
         );
         let mi = median_index(&util);
         if let Some(r) = runs.get(mi) {
-            let mut series = Vec::new();
-            for p in 0..procs {
-                let pts: Vec<(f64, f64)> = r
-                    .samples
-                    .iter()
-                    .map(|s| (s.t, s.workers.get(p).map_or(0.0, |w| w.0 - w.1)))
-                    .collect();
-                series.push(Series {
-                    name: format!("process {} (non-429, its /metrics)", p + 1),
-                    color: COLORS[(p + 2) % 5],
-                    points: rates(&pts, 1.0),
-                    dashed: false,
-                });
-            }
-            let tot: Vec<(f64, f64)> = r
+            let per_proc: Vec<Vec<(f64, f64)>> = (0..procs)
+                .map(|p| {
+                    r.samples
+                        .iter()
+                        .map(|s| (s.t, s.workers.get(p).map_or(0.0, |w| w.0 - w.1)))
+                        .collect()
+                })
+                .collect();
+            let sim: Vec<(f64, f64, f64)> = r
                 .samples
                 .iter()
-                .map(|s| (s.t, (s.sim_total - s.sim_throttled) as f64))
+                .map(|s| {
+                    (
+                        s.t,
+                        (s.sim_total - s.sim_throttled) as f64,
+                        s.sim_throttled as f64,
+                    )
+                })
                 .collect();
-            let thr: Vec<(f64, f64)> = r
-                .samples
-                .iter()
-                .map(|s| (s.t, s.sim_throttled as f64))
-                .collect();
-            let end = r.samples.last().map_or(1.0, |s| s.t);
-            series.push(Series {
-                name: "all, accepted by the simulator".into(),
-                color: COLORS[0],
-                points: rates(&tot, 1.0),
-                dashed: false,
-            });
-            series.push(Series {
-                name: "429 answers (simulator)".into(),
-                color: COLORS[1],
-                points: rates(&thr, 1.0),
-                dashed: false,
-            });
-            series.push(Series {
-                name: "quota R".into(),
-                color: COLORS[5],
-                points: vec![(0.0, R), (end, R)],
-                dashed: true,
-            });
-            let (p, rel) = rep.svg(&format!("scaleout-{procs}.svg"));
-            svg_chart(
-                &p,
+            let rel = rate_chart(
+                rep,
+                &format!("scaleout-{procs}.svg"),
                 &format!("Scale-out: {procs} process(es) at 2R each vs quota R = {R}"),
                 "seconds since the first publish",
-                "requests / s (1 s window)",
-                &series,
+                &per_proc,
+                &sim,
             )?;
             plots.push(format!(
                 "![{procs} process(es): request rate per process]({rel})\n"
@@ -1659,6 +1677,52 @@ async fn scaleout(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
         rep.md.push('\n');
     }
     Ok(())
+}
+
+/// A chart of a scale-out run: accepted requests per second of each process (cumulative
+/// `(t, n)` samples), all accepted and 429 answers at the simulator (`(t, accepted, 429s)`),
+/// and the quota. Returns the path to link from the report.
+fn rate_chart(
+    rep: &Report,
+    file: &str,
+    title: &str,
+    x_label: &str,
+    per_proc: &[Vec<(f64, f64)>],
+    sim: &[(f64, f64, f64)],
+) -> anyhow::Result<String> {
+    let mut series = Vec::new();
+    for (p, pts) in per_proc.iter().enumerate() {
+        series.push(Series {
+            name: format!("process {} (non-429, its own count)", p + 1),
+            color: COLORS[(p + 2) % 5],
+            points: rates(pts, 1.0),
+            dashed: false,
+        });
+    }
+    let ok: Vec<(f64, f64)> = sim.iter().map(|(t, a, _)| (*t, *a)).collect();
+    let thr: Vec<(f64, f64)> = sim.iter().map(|(t, _, x)| (*t, *x)).collect();
+    let end = sim.last().map_or(1.0, |s| s.0);
+    series.push(Series {
+        name: "all, accepted by the simulator".into(),
+        color: COLORS[0],
+        points: rates(&ok, 1.0),
+        dashed: false,
+    });
+    series.push(Series {
+        name: "429 answers (simulator)".into(),
+        color: COLORS[1],
+        points: rates(&thr, 1.0),
+        dashed: false,
+    });
+    series.push(Series {
+        name: "quota R".into(),
+        color: COLORS[5],
+        points: vec![(0.0, R), (end, R)],
+        dashed: true,
+    });
+    let (p, rel) = rep.svg(file);
+    svg_chart(&p, title, x_label, "requests / s (1 s window)", &series)?;
+    Ok(rel)
 }
 
 async fn overhead(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
@@ -2112,9 +2176,15 @@ fn machine() -> String {
     )
 }
 
+#[path = "offboard/client_scaleout.rs"]
+mod client_scaleout;
+
 const NOTES: &str = include_str!("offboard_notes.md");
 
 fn main() -> anyhow::Result<()> {
+    if let Ok(spec) = std::env::var(client_scaleout::CHILD_ENV) {
+        return client_scaleout::child(&spec);
+    }
     let opts = parse_args()?;
     std::fs::create_dir_all(&opts.work)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -2140,6 +2210,9 @@ fn main() -> anyhow::Result<()> {
     let result = runtime.block_on(async {
         if opts.wants("layoff") {
             layoff(&opts, &mut rep).await?;
+        }
+        if opts.wants("client") {
+            client_scaleout::client_scaleout(&opts, &mut rep).await?;
         }
         if opts.wants("scaleout") {
             scaleout(&opts, &mut rep).await?;
@@ -2193,7 +2266,7 @@ fn main() -> anyhow::Result<()> {
     let _ = writeln!(md, "\n## Machine and versions\n\n{}", machine());
     let _ = writeln!(
         md,
-        "## Reproduce\n\n```sh\nmake bench         # all workloads, 3 runs each; writes BENCHMARKS.md and docs/bench/*.svg (~45 min)\nmake bench-quick   # scaled down, 1 run each; writes target/bench-quick/ (< 3 min)\n# one workload: scripts/bench.sh --only layoff   (layoff,scaleout,overhead,memory,startup,simtp)\n```\n\n`scripts/bench.sh` starts RabbitMQ and installs moto if needed (`scripts/services.sh up`), then runs `cargo bench --bench offboard -- ARGS`. Each run uses a fresh moto instance and bucket, random broker-name prefixes (deleted afterwards), its own simulator process, and waits (≤ 30 s) for the machine to be quiet first (≥ 90 % of the CPU idle over one second).\n"
+        "## Reproduce\n\n```sh\nmake bench         # all workloads, 3 runs each; writes BENCHMARKS.md and docs/bench/*.svg (~45 min)\nmake bench-quick   # scaled down, 1 run each; writes target/bench-quick/ (< 3 min)\n# one workload: scripts/bench.sh --only layoff   (layoff,client,scaleout,overhead,memory,startup,simtp)\n```\n\n`scripts/bench.sh` starts RabbitMQ and installs moto if needed (`scripts/services.sh up`), then runs `cargo bench --bench offboard -- ARGS`. Each run uses a fresh moto instance and bucket, random broker-name prefixes (deleted afterwards), its own simulator process, and waits (≤ 30 s) for the machine to be quiet first (≥ 90 % of the CPU idle over one second).\n"
     );
     md.push_str(&rep.md);
     md.push('\n');

@@ -6,7 +6,7 @@
 #
 #   scripts/bench.sh                 full run: BENCHMARKS.md and docs/bench/*.svg
 #   scripts/bench.sh --quick         scaled down: target/bench-quick/
-#   scripts/bench.sh --only layoff   one workload (layoff,scaleout,overhead,memory,startup,simtp)
+#   scripts/bench.sh --only layoff   one workload (layoff,client,scaleout,overhead,memory,startup,simtp)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

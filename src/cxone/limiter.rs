@@ -2,7 +2,8 @@
 //! *revoke* class before *housekeeping*, and an AIMD controller that pauses every caller on a
 //! 429 until `Retry-After`, cuts the rate to just below the share of the quota this process
 //! actually achieved while busy, and raises it additively on success up to the configured
-//! ceiling (gently just after a cut, faster the longer no 429 arrives). Replicas sharing a
+//! ceiling (gently just after a cut, faster the longer no 429 arrives, faster for a small
+//! share than for a large one). Replicas sharing a
 //! tenant quota converge on it without talking to each other, as TCP flows share a link; see
 //! docs/decisions.md for the numbers.
 
@@ -35,14 +36,17 @@ pub struct AimdConfig {
     /// Lowest rate a cut can reach.
     pub floor: f64,
     /// On a 429 the rate drops to this fraction of the throughput just achieved (the share of
-    /// the tenant quota this process actually got), or of the current rate if lower.
+    /// the tenant quota this process actually got), or of the current rate if lower. A share
+    /// below half the ceiling is cut deeper, by `(1 − decrease) × √(ceiling / 2 / share)`, at
+    /// most 15 %.
     pub decrease: f64,
     /// After a pause ends, the rate holds this long before rising again.
     pub hold: Duration,
     /// Repeated 429s double the hold up to this.
     pub max_hold: Duration,
     /// Probing after the hold: requests per second added per second, growing the longer no
-    /// 429 arrives (`probe × (1 + (t / probe_ramp)³)`): gentle just after a cut, where the
+    /// 429 arrives (`probe × (1 + (t / probe_ramp)³)`, times `ceiling / 2 / rate` up to 8 for
+    /// a rate below half the ceiling): gentle just after a cut, where the
     /// quota was found, so one process alone meets a 429 rarely; fast once no 429 has come
     /// for a while, so a process whose neighbours have gone idle takes up the quota in
     /// seconds.
@@ -150,6 +154,7 @@ pub struct Aimd {
     hold_until: Option<Instant>,
     hold: Duration,
     throughput: Throughput,
+    first_send: Option<Instant>,
 }
 
 impl Aimd {
@@ -163,6 +168,7 @@ impl Aimd {
             pause_until: None,
             hold_until: None,
             throughput: Throughput::new(),
+            first_send: None,
         }
     }
 
@@ -172,7 +178,17 @@ impl Aimd {
 
     /// The bucket's burst at the current rate: a process cut to a share of the quota bursts
     /// in proportion, so replicas resuming together do not empty the tenant's bucket at once.
-    pub fn burst(&self) -> u32 {
+    ///
+    /// For the first second of sending, before any 429, the burst is one: replicas starting
+    /// together must not each spend a full burst before any of them has heard the tenant.
+    pub fn burst(&self, now: Instant) -> u32 {
+        let starting = self.last_decrease.is_none()
+            && self
+                .first_send
+                .is_none_or(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
+        if starting {
+            return 1;
+        }
         let scaled = f64::from(self.cfg.burst) * (self.rate / self.cfg.ceiling);
         (scaled.round() as u32).clamp(1, self.cfg.burst)
     }
@@ -183,6 +199,7 @@ impl Aimd {
 
     /// A request is being sent now.
     pub fn on_send(&mut self, now: Instant) {
+        self.first_send.get_or_insert(now);
         self.throughput.sent(now);
     }
 
@@ -201,7 +218,10 @@ impl Aimd {
                 now.saturating_duration_since(h)
             });
             let x = probing.as_secs_f64() / self.cfg.probe_ramp.as_secs_f64();
-            let step = self.cfg.probe * (1.0 + x.powi(3));
+            // A process holding a small part of the quota probes faster: its 429 pauses only
+            // its own small share, and the quota it finds freed is what shortens a run's tail.
+            let small = (self.cfg.ceiling / (2.0 * self.rate)).clamp(1.0, 8.0);
+            let step = self.cfg.probe * small * (1.0 + x.powi(3));
             self.rate = (self.rate + step * dt).min(self.cfg.ceiling);
         }
         self.last_success = Some(now);
@@ -229,7 +249,12 @@ impl Aimd {
                 // Too little seen to know our share: halve.
                 _ => self.rate * 0.5,
             };
-            self.rate = (base * self.cfg.decrease).clamp(self.cfg.floor, self.cfg.ceiling);
+            // A small share is cut deeper: with N replicas each holds about 1/N of the quota,
+            // a 5 % cut of one of them barely lowers the sum, and the next 429 (a one-second
+            // hole in someone's traffic) would follow at once.
+            let small = (self.cfg.ceiling / (2.0 * base.max(self.cfg.floor))).clamp(1.0, 8.0);
+            let cut = ((1.0 - self.cfg.decrease) * small.sqrt()).min(0.15);
+            self.rate = (base * (1.0 - cut)).clamp(self.cfg.floor, self.cfg.ceiling);
             // 429s close together mean the probing is too eager: hold longer.
             let recent = self
                 .last_decrease
@@ -368,7 +393,7 @@ async fn dispatch(inner: Weak<Inner>) {
     let (mut bucket_rate, mut bucket_burst) = match inner.upgrade() {
         Some(i) => {
             let aimd = lock(&i.aimd);
-            (aimd.rate(), aimd.burst())
+            (aimd.rate(), aimd.burst(Instant::now()))
         }
         None => return,
     };
@@ -383,7 +408,8 @@ async fn dispatch(inner: Weak<Inner>) {
         }
         let (rate, burst, pause) = {
             let aimd = lock(&inner.aimd);
-            (aimd.rate(), aimd.burst(), aimd.paused_until(Instant::now()))
+            let now = Instant::now();
+            (aimd.rate(), aimd.burst(now), aimd.paused_until(now))
         };
         if let Some(until) = pause {
             drop(inner);
@@ -391,9 +417,9 @@ async fn dispatch(inner: Weak<Inner>) {
             paused = true;
             continue;
         }
-        // After a pause, or when the rate moved, start from an empty bucket: what accrued
-        // while paused or at the old rate must not come out as one burst.
-        if paused || (rate - bucket_rate).abs() / bucket_rate > 0.02 || burst != bucket_burst {
+        // After a pause, start from an empty bucket: what accrued while paused must not come
+        // out as one burst.
+        if paused {
             limiter = bucket(rate, burst, true);
             bucket_rate = rate;
             bucket_burst = burst;
@@ -401,6 +427,15 @@ async fn dispatch(inner: Weak<Inner>) {
         }
         match limiter.check() {
             Ok(()) => {
+                // The rate moved: rebuild the bucket now, just after a token was taken, when an
+                // empty bucket loses nothing. (Rebuilt at any other moment it would throw away
+                // the part of a token accrued so far; at a few requests per second with the
+                // rate rising every few milliseconds, that starved the process.)
+                if (rate - bucket_rate).abs() / bucket_rate > 0.02 || burst != bucket_burst {
+                    limiter = bucket(rate, burst, true);
+                    bucket_rate = rate;
+                    bucket_burst = burst;
+                }
                 let mut q = lock(&inner.queues);
                 // A waiter that gave up (its future was dropped) does not use the token.
                 while let Some(waiter) = q.pop() {
@@ -483,7 +518,7 @@ mod tests {
         let mut a = Aimd::new(AimdConfig::new(100.0, 10));
         a.on_throttle(t0, None, 0.0);
         assert!((a.rate() - 47.5).abs() < 1e-9, "{}", a.rate());
-        assert_eq!(a.burst(), 5, "the burst shrinks with the rate");
+        assert_eq!(a.burst(t0), 5, "the burst shrinks with the rate");
         let first_hold = a.hold;
         a.on_throttle(t0 + Duration::from_secs(2), None, 0.0);
         assert!(a.hold > first_hold);
@@ -522,9 +557,10 @@ mod tests {
             a.on_success(t);
             t += Duration::from_millis(20);
         }
-        // A share of about 50 per second: cut by 5 %, paused 1 s, held 1 s.
+        // A share of about 50 per second, a quarter of half the ceiling: cut by 10 % (5 % ×
+        // √4), paused 1 s, held 1 s.
         a.on_throttle(t, Some(Duration::from_secs(1)), 0.0);
-        assert!(a.rate() > 44.0 && a.rate() < 48.0, "{}", a.rate());
+        assert!(a.rate() > 43.0 && a.rate() < 46.0, "{}", a.rate());
         let cut = a.rate();
         let mut u = t + Duration::from_secs(2);
         let mut step = || {
@@ -533,14 +569,15 @@ mod tests {
             u += Duration::from_millis(10);
             a.rate()
         };
-        // The first one and a half seconds of probing add about one request per second…
+        // The first one and a half seconds of probing add a few requests per second (a small
+        // share probes faster than a large one)…
         let mut r = 0.0;
         for _ in 0..150 {
             r = step();
         }
-        assert!(r > cut && r < cut + 2.0, "{r} after {cut}");
+        assert!(r > cut + 1.0 && r < cut + 6.0, "{r} after {cut}");
         // The neighbours are gone: three times the share within 15 s, the ceiling later.
-        for _ in 0..1500 {
+        for _ in 0..1350 {
             r = step();
         }
         assert!(r > 150.0, "{r}");
@@ -548,6 +585,84 @@ mod tests {
             r = step();
         }
         assert!((r - 400.0).abs() < 1e-9, "{r}");
+    }
+
+    #[test]
+    fn a_process_alone_at_the_quota_cuts_five_percent_and_probes_gently() {
+        let mut a = Aimd::new(AimdConfig::new(400.0, 50));
+        let mut t = Instant::now();
+        for _ in 0..1000 {
+            a.on_send(t);
+            a.on_success(t);
+            t += Duration::from_millis(5);
+        }
+        a.on_throttle(t, Some(Duration::from_secs(1)), 0.0);
+        assert!((a.rate() - 190.0).abs() < 2.0, "{}", a.rate());
+        let cut = a.rate();
+        let mut u = t + Duration::from_secs(2);
+        for _ in 0..300 {
+            a.on_send(u);
+            a.on_success(u);
+            u += Duration::from_millis(5);
+        }
+        assert!(a.rate() < cut + 1.5, "{} after {cut}", a.rate());
+    }
+
+    #[test]
+    fn the_burst_is_one_until_the_first_second_of_sending_has_passed() {
+        let mut a = Aimd::new(AimdConfig::new(400.0, 50));
+        let t = Instant::now();
+        assert_eq!(a.burst(t), 1);
+        a.on_send(t);
+        assert_eq!(a.burst(t + Duration::from_millis(900)), 1);
+        assert_eq!(a.burst(t + Duration::from_millis(1100)), 50);
+        // A 429 ends the start: the burst follows the rate from then on.
+        let mut b = Aimd::new(AimdConfig::new(400.0, 50));
+        b.on_send(t);
+        b.on_throttle(t, Some(Duration::from_secs(1)), 0.0);
+        assert!(b.burst(t) > 1);
+    }
+
+    #[tokio::test]
+    async fn a_low_rate_that_keeps_rising_still_hands_out_tokens() {
+        // At a few requests per second with the rate rising every few milliseconds (successes
+        // of earlier requests), the bucket used to be rebuilt empty before a token accrued.
+        let limiter = Limiter::new(AimdConfig::new(400.0, 50));
+        {
+            let mut a = lock(&limiter.inner.aimd);
+            a.rate = 10.0;
+            a.first_send = Some(Instant::now() - Duration::from_secs(5));
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let rising = {
+            let limiter = limiter.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    {
+                        let mut a = lock(&limiter.inner.aimd);
+                        a.rate = (a.rate * 1.01).min(20.0);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        let started = std::time::Instant::now();
+        let mut sent = 0;
+        while started.elapsed() < Duration::from_secs(1) {
+            if tokio::time::timeout(
+                Duration::from_secs(1),
+                limiter.acquire(Priority::Housekeeping),
+            )
+            .await
+            .is_ok()
+            {
+                sent += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = rising.await;
+        assert!(sent >= 8, "{sent} tokens in a second at 10–20 per second");
     }
 
     #[test]
