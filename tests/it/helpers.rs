@@ -176,6 +176,31 @@ impl Outside {
         if let Some(ct) = content_type {
             props = props.with_content_type(ct.into());
         }
+        self.publish_props(exchange, routing_key, body, props).await;
+    }
+
+    /// A persistent CloudEvents message carrying `headers`, confirmed.
+    pub async fn publish_with_headers(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        headers: lapin::types::FieldTable,
+    ) {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/cloudevents+json".into())
+            .with_headers(headers);
+        self.publish_props(exchange, routing_key, body, props).await;
+    }
+
+    async fn publish_props(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) {
         let confirm = self
             .channel
             .basic_publish(

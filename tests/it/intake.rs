@@ -274,3 +274,56 @@ async fn events_without_content_type_are_accepted() {
     worker.stop().await.expect("clean stop");
     names.cleanup().await;
 }
+
+/// A message that crashed workers have returned close to the delivery limit is re-published
+/// fresh once — its copy must not carry the broker's old `x-delivery-count`, or the copy would
+/// be rescued again at once and use up every rescue (RELIABILITY.md finding 1).
+#[tokio::test]
+async fn a_message_near_the_delivery_limit_is_rescued_once_and_handled_once() {
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let _shared = BROKER.read().await;
+    let names = Names::new();
+    let recorder = Arc::new(Recorder::default());
+    let settings = names.settings(&[("OFFBOARD__AMQP__DELIVERY_LIMIT", "5")]);
+    let worker = spawn_worker(settings, recorder.clone()).await;
+    assert!(worker.wait_ready(200, Duration::from_secs(10)).await);
+    let outside = Outside::new().await;
+    let body = serde_json::to_vec(&termination("near-limit", "E000003")).expect("json");
+    // As the broker stamps a message redelivered four times (limit 5: rescued from 3 on).
+    let mut table = FieldTable::default();
+    table.insert(headers::DELIVERY_COUNT.into(), AMQPValue::LongLongInt(4));
+    outside
+        .publish_with_headers(&names.events(), "employee.terminated", &body, table)
+        .await;
+    for _ in 0..100 {
+        if !recorder.finished.lock().await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Give a wrongly re-rescued copy time to show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        *recorder.finished.lock().await,
+        vec!["near-limit".to_owned()]
+    );
+    let metrics = reqwest::get(format!("{}/metrics", worker.base))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let rescued: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("offboard_messages_rescued_total"))
+        .collect();
+    assert_eq!(
+        rescued,
+        vec!["offboard_messages_rescued_total 1"],
+        "{metrics}"
+    );
+    assert_eq!(outside.queue_len(&names.dead()).await, 0);
+    worker.stop().await.expect("clean stop");
+    names.cleanup().await;
+}

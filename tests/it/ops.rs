@@ -12,8 +12,6 @@ use cxone_offboard::broker::headers;
 use cxone_offboard::event::{Limits, parse};
 use cxone_offboard::saga::journal::{ArchiveRecord, Journal, StepStatus};
 use cxone_offboard::store::{S3, Store, Write};
-use lapin::BasicProperties;
-use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
 use serde_json::{Value, json};
 use tokio::process::Command;
@@ -112,24 +110,9 @@ async fn put_dead(outside: &Outside, names: &Names, i: usize, kind: &Dead) {
     }
     headers::set_str(&mut table, "x-custom", "kept");
     let body = serde_json::to_vec(&termination(&format!("ev-{i}"), &employee(i))).expect("json");
-    let props = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/cloudevents+json".into())
-        .with_headers(table);
-    let confirm = outside
-        .channel
-        .basic_publish(
-            names.dlx().as_str().into(),
-            "employee.terminated".into(),
-            BasicPublishOptions::default(),
-            &body,
-            props,
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(confirm.is_ack());
+    outside
+        .publish_with_headers(&names.dlx(), "employee.terminated", &body, table)
+        .await;
 }
 
 fn employee(i: usize) -> String {
