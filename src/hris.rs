@@ -47,16 +47,23 @@ pub fn verify(secret: &[u8], timestamp: &str, body: &[u8], header: &str) -> bool
     mac.verify_slice(&sig).is_ok()
 }
 
-fn http_client() -> Result<reqwest::Client, StepError> {
-    reqwest::Client::builder()
-        .use_rustls_tls()
-        .timeout(Duration::from_secs(10))
-        .connect_timeout(Duration::from_secs(5))
-        // Never follow a redirect: the endpoint is exactly what configuration says.
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("cxone-offboard/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| StepError::Permanent(format!("webhook client: {e}")))
+/// The worker's webhook client (`Deps::webhook`), built on first use.
+fn http_client(
+    cell: &std::sync::OnceLock<Result<reqwest::Client, String>>,
+) -> Result<reqwest::Client, StepError> {
+    cell.get_or_init(|| {
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(5))
+            // Never follow a redirect: the endpoint is exactly what configuration says.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("cxone-offboard/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .clone()
+    .map_err(|e| StepError::Permanent(format!("webhook client: {e}")))
 }
 
 /// The `notify` step. Failure after the retry budget does not fail an offboarding that
@@ -98,7 +105,7 @@ pub(crate) async fn notify_step<C: Cxone, S: Store>(
         "steps": j.steps.iter().map(|s| json!({"name": s.name.as_str(), "status": s.status})).collect::<Vec<_>>(),
     });
     let body = serde_json::to_vec(&body).unwrap_or_default();
-    let client = http_client()?;
+    let client = http_client(&run.deps.webhook)?;
     let policy = RetryPolicy {
         max_attempts: 4,
         base: Duration::from_millis(300),

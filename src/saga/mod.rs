@@ -105,6 +105,9 @@ pub struct Deps<C, S> {
     pub metrics: Metrics,
     /// Batches this process's admissions through the mass-deletion guard.
     pub gate: Arc<guard::Gate>,
+    /// The HRIS webhook client, built on first use and shared by every saga of this worker,
+    /// so a layoff's thousands of notifications reuse its connections.
+    pub(crate) webhook: Arc<std::sync::OnceLock<Result<reqwest::Client, String>>>,
 }
 
 impl<C, S> Deps<C, S> {
@@ -122,6 +125,7 @@ impl<C, S> Deps<C, S> {
             owner,
             metrics,
             gate: Arc::new(guard::Gate::default()),
+            webhook: Arc::default(),
         }
     }
 }
@@ -135,6 +139,7 @@ impl<C, S> Clone for Deps<C, S> {
             owner: self.owner.clone(),
             metrics: self.metrics.clone(),
             gate: self.gate.clone(),
+            webhook: self.webhook.clone(),
         }
     }
 }
