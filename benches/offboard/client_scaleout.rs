@@ -417,32 +417,20 @@ pub async fn client_scaleout(opts: &Opts, rep: &mut Report) -> anyhow::Result<()
             .map(|r| 100.0 * r.throttled as f64 / (r.accepted + r.throttled).max(1) as f64)
             .collect();
         let walls: Vec<f64> = runs.iter().map(|r| r.wall).collect();
-        let (mu, ..) = mmm(&util);
-        let (mt, ..) = mmm(&thr);
+        let (u, t) = scale_verdicts(
+            rep,
+            &format!("3a. CXone client, {procs} process(es) at 2R"),
+            &util,
+            &thr,
+        );
         let _ = writeln!(
             rep.md,
-            "| {procs} | {} {} | {} {} | {} | {} |",
-            fmt_mmm(&util, 3, ""),
-            verdict(mu >= 0.90),
-            fmt_mmm(&thr, 2, " %"),
-            verdict(mt < 2.0),
+            "| {procs} | {u} | {t} | {} | {} |",
             fmt_mmm(&walls, 1, " s"),
             runs.iter()
                 .map(|r| format!("{}/{}/{:.0}", r.accepted, r.throttled, r.client_requests))
                 .collect::<Vec<_>>()
                 .join(", "),
-        );
-        rep.row(
-            &format!("3a. CXone client, {procs} process(es) at 2R: utilisation"),
-            "≥ 0.90",
-            fmt_mmm(&util, 3, ""),
-            Some(mu >= 0.90),
-        );
-        rep.row(
-            &format!("3a. CXone client, {procs} process(es) at 2R: 429 share"),
-            "< 2 %",
-            fmt_mmm(&thr, 2, " %"),
-            Some(mt < 2.0),
         );
         let Some(r) = runs.get(median_index(&util)) else {
             continue;

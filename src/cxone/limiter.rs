@@ -458,17 +458,23 @@ async fn dispatch(inner: Weak<Inner>) {
 mod tests {
     use super::*;
 
+    /// `n` requests sent and answered, `every` apart from `t`; returns the time after them.
+    fn busy(a: &mut Aimd, mut t: Instant, n: usize, every: Duration) -> Instant {
+        for _ in 0..n {
+            a.on_send(t);
+            a.on_success(t);
+            t += every;
+        }
+        t
+    }
+
     #[test]
     fn aimd_cuts_to_the_achieved_share_holds_then_probes_back_to_the_ceiling() {
         let t0 = Instant::now();
         let mut a = Aimd::new(AimdConfig::new(100.0, 10));
         // Two seconds at 40 successes per second: our share of the quota.
         let mut t = t0;
-        for _ in 0..80 {
-            a.on_send(t);
-            a.on_success(t);
-            t += Duration::from_millis(25);
-        }
+        t = busy(&mut a, t, 80, Duration::from_millis(25));
         a.on_throttle(t, Some(Duration::from_secs(2)), 0.0);
         assert!(
             (a.rate() - 38.0).abs() < 2.5,
@@ -486,29 +492,17 @@ mod tests {
         assert_eq!(a.rate(), cut);
         // Held for the pause plus the hold: no increase.
         let mut u = t + Duration::from_secs(2);
-        for _ in 0..10 {
-            a.on_send(u);
-            a.on_success(u);
-            u += Duration::from_millis(100);
-        }
+        u = busy(&mut a, u, 10, Duration::from_millis(100));
         assert_eq!(a.rate(), cut, "holding");
         // Then it probes gently near the share it found…
-        for _ in 0..10 {
-            a.on_send(u);
-            a.on_success(u);
-            u += Duration::from_millis(100);
-        }
+        u = busy(&mut a, u, 10, Duration::from_millis(100));
         assert!(
             a.rate() > cut && a.rate() < cut + 0.5,
             "{} after {cut}",
             a.rate()
         );
         // …and ever faster on up to the ceiling, never beyond.
-        for _ in 0..2000 {
-            a.on_send(u);
-            a.on_success(u);
-            u += Duration::from_millis(100);
-        }
+        busy(&mut a, u, 2000, Duration::from_millis(100));
         assert!((a.rate() - 100.0).abs() < 1e-9, "{}", a.rate());
     }
 
@@ -528,20 +522,12 @@ mod tests {
     fn the_share_is_measured_over_the_time_not_spent_paused() {
         let mut a = Aimd::new(AimdConfig::new(100.0, 10));
         let mut t = Instant::now();
-        for _ in 0..60 {
-            a.on_send(t);
-            a.on_success(t);
-            t += Duration::from_millis(25);
-        }
+        t = busy(&mut a, t, 60, Duration::from_millis(25));
         a.on_throttle(t, Some(Duration::from_secs(1)), 0.0);
         assert!((a.rate() - 38.0).abs() < 2.5, "{}", a.rate());
         // After the pause, the same 40 per second again, then another 429.
         let mut u = t + Duration::from_secs(1);
-        for _ in 0..24 {
-            a.on_send(u);
-            a.on_success(u);
-            u += Duration::from_millis(25);
-        }
+        u = busy(&mut a, u, 24, Duration::from_millis(25));
         a.on_throttle(u, Some(Duration::from_secs(1)), 0.0);
         // 40 successes in the last 2 s, one of them paused: a share of 40/s, not 20/s.
         assert!(a.rate() > 34.0, "{}", a.rate());
@@ -552,11 +538,7 @@ mod tests {
         let cfg = AimdConfig::new(400.0, 50);
         let mut a = Aimd::new(cfg);
         let mut t = Instant::now();
-        for _ in 0..100 {
-            a.on_send(t);
-            a.on_success(t);
-            t += Duration::from_millis(20);
-        }
+        t = busy(&mut a, t, 100, Duration::from_millis(20));
         // A share of about 50 per second, a quarter of half the ceiling: cut by 10 % (5 % ×
         // √4), paused 1 s, held 1 s.
         a.on_throttle(t, Some(Duration::from_secs(1)), 0.0);
@@ -591,20 +573,12 @@ mod tests {
     fn a_process_alone_at_the_quota_cuts_five_percent_and_probes_gently() {
         let mut a = Aimd::new(AimdConfig::new(400.0, 50));
         let mut t = Instant::now();
-        for _ in 0..1000 {
-            a.on_send(t);
-            a.on_success(t);
-            t += Duration::from_millis(5);
-        }
+        t = busy(&mut a, t, 1000, Duration::from_millis(5));
         a.on_throttle(t, Some(Duration::from_secs(1)), 0.0);
         assert!((a.rate() - 190.0).abs() < 2.0, "{}", a.rate());
         let cut = a.rate();
-        let mut u = t + Duration::from_secs(2);
-        for _ in 0..300 {
-            a.on_send(u);
-            a.on_success(u);
-            u += Duration::from_millis(5);
-        }
+        let u = t + Duration::from_secs(2);
+        busy(&mut a, u, 300, Duration::from_millis(5));
         assert!(a.rate() < cut + 1.5, "{} after {cut}", a.rate());
     }
 
@@ -684,11 +658,7 @@ mod tests {
         a.on_send(t);
         a.on_success(t);
         t += Duration::from_secs(10);
-        for _ in 0..40 {
-            a.on_send(t);
-            a.on_success(t);
-            t += Duration::from_millis(25);
-        }
+        t = busy(&mut a, t, 40, Duration::from_millis(25));
         a.on_throttle(t, Some(Duration::from_secs(1)), 0.0);
         assert!(a.rate() > 34.0 && a.rate() < 40.0, "{}", a.rate());
     }

@@ -286,6 +286,29 @@ pub struct Recorder {
     pub finished: Mutex<Vec<String>>,
 }
 
+impl Recorder {
+    /// Waits (up to 5 s) until at least one event has finished; returns those finished.
+    pub async fn wait_finished(&self) -> Vec<String> {
+        for _ in 0..100 {
+            if !self.finished.lock().await.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.finished.lock().await.clone()
+    }
+}
+
+/// The Prometheus text a worker serves at `{base}/metrics`.
+pub async fn metrics_text(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 impl Handler for Recorder {
     async fn handle(&self, message: Message, _ctx: Context) -> Settle {
         let id = message.event.id.as_str().to_owned();

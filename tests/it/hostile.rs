@@ -383,12 +383,7 @@ async fn security_no_secret_anywhere_and_only_configured_hosts_are_contacted() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     seen_peers.extend(peers(pid));
-    let metrics = reqwest::get(format!("{}/metrics", worker.http))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = crate::helpers::metrics_text(&worker.http).await;
     worker.sigterm();
     let _ = worker.wait_exit(Duration::from_secs(10)).await;
     tap.poll().await;

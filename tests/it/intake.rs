@@ -7,7 +7,7 @@ use std::time::Duration;
 use cxone_offboard::broker::headers;
 use serde_json::json;
 
-use crate::helpers::{BROKER, Names, Outside, Recorder, spawn_worker, termination};
+use crate::helpers::{BROKER, Names, Outside, Recorder, metrics_text, spawn_worker, termination};
 
 /// (name, routing key, content type, body, field expected in the error)
 type Case = (
@@ -227,19 +227,8 @@ async fn twenty_kinds_of_invalid_message_are_dead_lettered_with_reasons() {
             Some("application/json"),
         )
         .await;
-    for _ in 0..100 {
-        if !recorder.finished.lock().await.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(*recorder.finished.lock().await, vec!["ok-1".to_owned()]);
-    let metrics = reqwest::get(format!("{}/metrics", worker.base))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    assert_eq!(recorder.wait_finished().await, vec!["ok-1".to_owned()]);
+    let metrics = metrics_text(&worker.base).await;
     assert!(
         metrics.contains("offboard_messages_invalid_total 20"),
         "{metrics}"
@@ -264,13 +253,7 @@ async fn events_without_content_type_are_accepted() {
     outside
         .publish(&names.events(), "employee.terminated", &body, None)
         .await;
-    for _ in 0..100 {
-        if !recorder.finished.lock().await.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(*recorder.finished.lock().await, vec!["no-ct".to_owned()]);
+    assert_eq!(recorder.wait_finished().await, vec!["no-ct".to_owned()]);
     worker.stop().await.expect("clean stop");
     names.cleanup().await;
 }
@@ -296,24 +279,14 @@ async fn a_message_near_the_delivery_limit_is_rescued_once_and_handled_once() {
     outside
         .publish_with_headers(&names.events(), "employee.terminated", &body, table)
         .await;
-    for _ in 0..100 {
-        if !recorder.finished.lock().await.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(!recorder.wait_finished().await.is_empty(), "never handled");
     // Give a wrongly re-rescued copy time to show up.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         *recorder.finished.lock().await,
         vec!["near-limit".to_owned()]
     );
-    let metrics = reqwest::get(format!("{}/metrics", worker.base))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&worker.base).await;
     let rescued: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("offboard_messages_rescued_total"))

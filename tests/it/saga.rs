@@ -202,12 +202,7 @@ async fn an_outage_parks_sagas_and_they_finish_when_cxone_recovers() {
         stack.tap.all().await.is_empty(),
         "nothing finishes during the outage"
     );
-    let metrics = reqwest::get(format!("{}/metrics", stack.worker.base))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = crate::helpers::metrics_text(&stack.worker.base).await;
     assert!(metrics.contains("offboard_sagas_parked_total"), "{metrics}");
     stack.sim_post("/_sim/faults", json!({})).await;
     let outcomes = stack.tap.wait(5, Duration::from_secs(60)).await;
