@@ -67,11 +67,11 @@ fmt: ## Format the code
 	$(CARGO) fmt --all
 
 .PHONY: bench
-bench: ## End-to-end benchmarks (issue 10), 3 runs each: writes BENCHMARKS.md and docs/bench/*.svg (~25 min)
+bench: ## End-to-end benchmarks (issue 10), 3 runs each: writes BENCHMARKS.md and docs/bench/*.svg (~40 min)
 	@scripts/bench.sh
 
 .PHONY: bench-quick
-bench-quick: ## Scaled-down benchmarks for CI smoke (< 3 min after a release build): target/bench-quick/
+bench-quick: ## Scaled-down benchmarks, 1 run each (~3 min after a release build): target/bench-quick/
 	@scripts/bench.sh --quick
 
 .PHONY: check

@@ -2277,7 +2277,7 @@ fn main() -> anyhow::Result<()> {
     let _ = writeln!(md, "\n## Machine and versions\n\n{}", machine());
     let _ = writeln!(
         md,
-        "## Reproduce\n\n```sh\nmake bench         # all workloads, 3 runs each; writes BENCHMARKS.md and docs/bench/*.svg (~45 min)\nmake bench-quick   # scaled down, 1 run each; writes target/bench-quick/ (< 3 min)\n# one workload: scripts/bench.sh --only layoff   (layoff,client,scaleout,overhead,memory,startup,simtp)\n```\n\n`scripts/bench.sh` starts RabbitMQ and installs moto if needed (`scripts/services.sh up`), then runs `cargo bench --bench offboard -- ARGS`. Each run uses a fresh moto instance and bucket, random broker-name prefixes (deleted afterwards), its own simulator process, and waits (≤ 30 s) for the machine to be quiet first (≥ 90 % of the CPU idle over one second).\n"
+        "## Reproduce\n\n```sh\nmake bench         # all workloads, 3 runs each; writes BENCHMARKS.md and docs/bench/*.svg (~40 min)\nmake bench-quick   # scaled down, 1 run each; writes target/bench-quick/ (~3 min)\n# one workload: scripts/bench.sh --only layoff   (layoff,client,scaleout,overhead,memory,startup,simtp)\n```\n\n`scripts/bench.sh` starts RabbitMQ and installs moto if needed (`scripts/services.sh up`), then runs `cargo bench --bench offboard -- ARGS`. Each run uses a fresh moto instance and bucket, random broker-name prefixes (deleted afterwards), its own simulator process, and waits (≤ 30 s) for the machine to be quiet first (≥ 90 % of the CPU idle over one second).\n"
     );
     md.push_str(&rep.md);
     md.push('\n');
