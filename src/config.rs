@@ -44,6 +44,7 @@ pub struct Settings {
     pub guard: GuardSettings,
     pub safety: SafetySettings,
     pub replay: ReplaySettings,
+    pub sla: SlaSettings,
     pub worker: WorkerSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
@@ -62,8 +63,16 @@ pub struct AmqpSettings {
     pub dead_queue: String,
     pub outcomes_exchange: String,
     pub held_queue: String,
+    /// The second stage's queue (CONTRACT §11).
+    pub housekeeping_queue: String,
+    /// basic.qos prefetch for the housekeeping queue.
+    pub housekeeping_prefetch: u16,
     pub delay_queue_prefix: String,
     pub delivery_limit: u32,
+    /// Signs the worker's own control headers (the trust boundary, CONTRACT §2). Unset: a
+    /// random key is created once in the bucket and shared by every replica.
+    pub control_key: Option<SecretString>,
+    pub control_key_file: Option<PathBuf>,
     pub reconnect_initial_ms: u64,
     pub reconnect_max_ms: u64,
 }
@@ -72,6 +81,15 @@ impl AmqpSettings {
     /// The URL with any password replaced, fit for logs and error messages.
     pub fn redacted_url(&self) -> String {
         redact_url(self.url.expose_secret())
+    }
+
+    /// The configured control-header key material, if any.
+    pub fn control_key(&self) -> Result<Option<SecretString>, ConfigError> {
+        read_secret(
+            "amqp.control_key",
+            self.control_key.as_ref(),
+            self.control_key_file.as_deref(),
+        )
     }
 }
 
@@ -84,6 +102,12 @@ pub struct S3Settings {
     /// Object Lock mode for manifests: `GOVERNANCE` or `COMPLIANCE`; unset = no lock.
     pub object_lock_mode: Option<String>,
     pub object_lock_days: Option<u32>,
+    /// Bounds on every S3 request: a server that stops answering fails the request
+    /// (transient) instead of holding a saga and a request slot forever.
+    pub connect_timeout_secs: u64,
+    pub read_timeout_secs: u64,
+    pub attempt_timeout_secs: u64,
+    pub operation_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -230,8 +254,20 @@ pub struct ReplaySettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct SlaSettings {
+    /// Access must be gone this long after `effective_at` (or the event's arrival).
+    pub revoke_within_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WorkerSettings {
     pub max_in_flight: usize,
+    /// Sagas at once in the housekeeping stage (archives, deletion, evidence).
+    pub housekeeping_max_in_flight: usize,
+    /// One delivery archives for at most this long, then continues in a fresh one (well
+    /// within RabbitMQ's `consumer_timeout`, 30 minutes by default).
+    pub archive_slice_secs: u64,
     pub shutdown_grace_secs: u64,
     pub max_event_bytes: usize,
     pub archive_lookback_days: u32,
@@ -343,6 +379,18 @@ impl Settings {
         check_url("amqp.url", a.url.expose_secret(), &["amqp", "amqps"])?;
         positive("amqp.prefetch", u64::from(a.prefetch))?;
         positive("amqp.delivery_limit", u64::from(a.delivery_limit))?;
+        positive(
+            "amqp.housekeeping_prefetch",
+            u64::from(a.housekeeping_prefetch),
+        )?;
+        if let Some(key) = a.control_key()?
+            && key.expose_secret().len() < 16
+        {
+            return Err(ConfigError::invalid(
+                "amqp.control_key",
+                "must be at least 16 characters of secret material",
+            ));
+        }
         positive("amqp.reconnect_initial_ms", a.reconnect_initial_ms)?;
         if a.reconnect_max_ms < a.reconnect_initial_ms {
             return Err(ConfigError::invalid(
@@ -358,6 +406,7 @@ impl Settings {
             ("amqp.dead_queue", &a.dead_queue),
             ("amqp.outcomes_exchange", &a.outcomes_exchange),
             ("amqp.held_queue", &a.held_queue),
+            ("amqp.housekeeping_queue", &a.housekeeping_queue),
             ("amqp.delay_queue_prefix", &a.delay_queue_prefix),
         ] {
             if name.is_empty() || name.len() > 200 {
@@ -413,6 +462,17 @@ impl Settings {
         if self.s3.region.trim().is_empty() {
             return Err(ConfigError::invalid("s3.region", "must not be empty"));
         }
+        positive("s3.connect_timeout_secs", self.s3.connect_timeout_secs)?;
+        positive("s3.read_timeout_secs", self.s3.read_timeout_secs)?;
+        positive("s3.attempt_timeout_secs", self.s3.attempt_timeout_secs)?;
+        positive("s3.operation_timeout_secs", self.s3.operation_timeout_secs)?;
+        if self.s3.operation_timeout_secs < self.s3.attempt_timeout_secs {
+            return Err(ConfigError::invalid(
+                "s3.operation_timeout_secs",
+                "must be at least s3.attempt_timeout_secs",
+            ));
+        }
+        positive("sla.revoke_within_secs", self.sla.revoke_within_secs)?;
 
         let c = &self.cxone;
         check_url("cxone.issuer", &c.issuer, &["http", "https"])?;
@@ -496,6 +556,11 @@ impl Settings {
         )?;
         positive("guard.window_secs", self.guard.window_secs)?;
         positive("worker.max_in_flight", self.worker.max_in_flight as u64)?;
+        positive(
+            "worker.housekeeping_max_in_flight",
+            self.worker.housekeeping_max_in_flight as u64,
+        )?;
+        positive("worker.archive_slice_secs", self.worker.archive_slice_secs)?;
         if self.worker.max_in_flight > 10_000 {
             return Err(ConfigError::invalid(
                 "worker.max_in_flight",

@@ -190,7 +190,22 @@ pub struct Event {
     pub command: Command,
 }
 
+/// Namespace of saga ids (UUID v5 over `source` + `id`).
+const SAGA_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x2b8e_51c0_7d3a_4f69_b1e4_93c2_6a0d_7f18);
+
+/// The saga id of the event `event_id` from `source`: the same for every redelivery and
+/// re-publication.
+pub fn saga_id(source: &str, event_id: &str) -> String {
+    uuid::Uuid::new_v5(&SAGA_NAMESPACE, format!("{source}\n{event_id}").as_bytes()).to_string()
+}
+
 impl Event {
+    /// This event's saga id (a rescind's own id; its termination's is
+    /// `saga_id(source, terminated_event_id)`).
+    pub fn saga_id(&self) -> String {
+        saga_id(self.source.as_str(), self.id.as_str())
+    }
+
     pub fn employee(&self) -> &Employee {
         match &self.command {
             Command::Terminate(t) => &t.employee,
@@ -246,7 +261,74 @@ pub fn check_content_type(content_type: Option<&str>) -> Result<(), InvalidEvent
     }
 }
 
-/// Decodes and validates one message body.
+/// One definition of a valid event for every way in (the broker consumer and the HTTP
+/// intake): the body rules of [`parse`] plus what depends on configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    pub limits: Limits,
+    /// The configured HRIS endpoints (`hris.endpoints.<name>`): `notify` must name one.
+    pub endpoints: std::collections::BTreeSet<String>,
+}
+
+impl Rules {
+    pub fn from_settings(settings: &crate::config::Settings) -> Self {
+        Self {
+            limits: Limits {
+                max_bytes: settings.worker.max_event_bytes,
+                default_lookback_days: settings.worker.archive_lookback_days,
+            },
+            endpoints: settings.hris.endpoints.keys().cloned().collect(),
+        }
+    }
+
+    /// Decodes and validates one event.
+    pub fn parse(&self, body: &[u8]) -> Result<Event, InvalidEvent> {
+        let event = parse(body, self.limits)?;
+        self.check(&event)?;
+        Ok(event)
+    }
+
+    /// A message as the broker delivered it: content type, then body.
+    pub fn parse_message(
+        &self,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Result<Event, InvalidEvent> {
+        check_content_type(content_type)?;
+        self.parse(body)
+    }
+
+    /// The rules that depend on configuration.
+    pub fn check(&self, event: &Event) -> Result<(), InvalidEvent> {
+        if let Command::Terminate(t) = &event.command
+            && let Some(name) = &t.notify
+            && !self.endpoints.contains(name)
+        {
+            let shown = truncate(name, 64);
+            let known = if self.endpoints.is_empty() {
+                "none is configured".to_owned()
+            } else {
+                format!(
+                    "configured: {}",
+                    self.endpoints
+                        .iter()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            return Err(InvalidEvent::new(
+                "data.notify",
+                format!(
+                    "`{shown}` is not a configured HRIS endpoint ({known}); it must be a name, never a URL"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Decodes and validates one message body (the configuration-free rules; see [`Rules`]).
 pub fn parse(body: &[u8], limits: Limits) -> Result<Event, InvalidEvent> {
     if body.len() > limits.max_bytes {
         return Err(InvalidEvent::new(

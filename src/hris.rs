@@ -1,18 +1,20 @@
-//! The HRIS webhook: a signed POST to an endpoint named in configuration (never a URL from an
-//! event). `X-Offboard-Signature: sha256=<hex HMAC-SHA256 of "timestamp.body">`.
+//! The outgoing HRIS webhook: a signed POST to an endpoint named in configuration (never a URL
+//! from an event). `X-Offboard-Signature: sha256=<hex HMAC-SHA256 of "timestamp.body">`. The
+//! saga sees it as its [`Notifier`] port.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use anyhow::Context;
+use futures_util::future::BoxFuture;
 use hmac::{Hmac, Mac};
-use secrecy::ExposeSecret;
-use serde_json::json;
+use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
 use tracing::{info, warn};
 
-use crate::cxone::Cxone;
+use crate::config::HrisSettings;
 use crate::cxone::retry::RetryPolicy;
-use crate::saga::{Run, StepError, StepResult};
-use crate::store::Store;
+use crate::saga::ports::{Notice, Notifier, NotifyError};
 
 pub const TIMESTAMP_HEADER: &str = "X-Offboard-Timestamp";
 pub const SIGNATURE_HEADER: &str = "X-Offboard-Signature";
@@ -47,12 +49,26 @@ pub fn verify(secret: &[u8], timestamp: &str, body: &[u8], header: &str) -> bool
     mac.verify_slice(&sig).is_ok()
 }
 
-/// The worker's webhook client (`Deps::webhook`), built on first use.
-fn http_client(
-    cell: &std::sync::OnceLock<Result<reqwest::Client, String>>,
-) -> Result<reqwest::Client, StepError> {
-    cell.get_or_init(|| {
-        reqwest::Client::builder()
+/// The HRIS endpoints of the configuration, with one HTTP client shared by every saga of the
+/// worker (a layoff's thousands of notifications reuse its connections). Built at start-up,
+/// so a bad endpoint stops the worker before the first message.
+pub struct HttpNotifier {
+    client: reqwest::Client,
+    endpoints: BTreeMap<String, (String, SecretString)>,
+    policy: RetryPolicy,
+}
+
+impl std::fmt::Debug for HttpNotifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpNotifier")
+            .field("endpoints", &self.endpoints.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpNotifier {
+    pub fn new(settings: &HrisSettings) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
             .use_rustls_tls()
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(5))
@@ -60,90 +76,84 @@ fn http_client(
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("cxone-offboard/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| e.to_string())
-    })
-    .clone()
-    .map_err(|e| StepError::Permanent(format!("webhook client: {e}")))
+            .context("building the webhook client")?;
+        let mut endpoints = BTreeMap::new();
+        for (name, endpoint) in &settings.endpoints {
+            let secret = endpoint.secret()?.ok_or_else(|| {
+                anyhow::anyhow!("configuration key `hris.endpoints.{name}.secret`: is required")
+            })?;
+            endpoints.insert(name.clone(), (endpoint.url.clone(), secret));
+        }
+        Ok(Self {
+            client,
+            endpoints,
+            policy: RetryPolicy {
+                max_attempts: 4,
+                base: Duration::from_millis(300),
+                cap: Duration::from_secs(5),
+                max_elapsed: Duration::from_secs(30),
+            },
+        })
+    }
+
+    async fn send(&self, name: &str, notice: &Notice) -> Result<String, NotifyError> {
+        let Some((url, secret)) = self.endpoints.get(name) else {
+            return Err(NotifyError::Unknown(name.to_owned()));
+        };
+        let body = serde_json::to_vec(&notice.body).unwrap_or_default();
+        let mut last = String::new();
+        for attempt in 0..self.policy.max_attempts {
+            if attempt > 0 {
+                tokio::time::sleep(self.policy.backoff(attempt - 1)).await;
+            }
+            let timestamp = chrono::Utc::now().timestamp().to_string();
+            let signature = sign(secret.expose_secret().as_bytes(), &timestamp, &body);
+            let result = self
+                .client
+                .post(url)
+                .header("Content-Type", "application/json")
+                .header(TIMESTAMP_HEADER, &timestamp)
+                .header(SIGNATURE_HEADER, signature)
+                .header("X-Offboard-Saga-Id", &notice.saga_id)
+                // The same id on every retry of one notification: receivers can drop repeats.
+                .header("Idempotency-Key", &notice.saga_id)
+                .body(body.clone())
+                .send()
+                .await;
+            match result {
+                Ok(r) if r.status().is_success() => {
+                    info!(endpoint = name, "HRIS notified");
+                    return Ok(format!("notified `{name}`"));
+                }
+                Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
+                Err(e) => last = crate::cxone::error::describe_reqwest(&e),
+            }
+        }
+        Err(NotifyError::Failed(format!(
+            "failed after {} attempts: {last}",
+            self.policy.max_attempts
+        )))
+    }
 }
 
-/// The `notify` step. Failure after the retry budget does not fail an offboarding that
-/// happened: the saga completes with a warning.
-pub(crate) async fn notify_step<C: Cxone, S: Store>(
-    run: &mut Run<'_, C, S>,
-    name: Option<&str>,
-) -> Result<StepResult, StepError> {
-    let Some(name) = name else {
-        return Ok(StepResult::Skipped("no notify endpoint named".to_owned()));
-    };
-    let Some(endpoint) = run.deps.settings.hris.endpoints.get(name) else {
-        let shown: String = name.chars().take(64).filter(|c| !c.is_control()).collect();
-        let warning = format!(
-            "notify: no HRIS endpoint named `{shown}` in configuration; nobody was notified"
-        );
-        warn!("{warning}");
-        run.stored.journal.warnings.push(warning.clone());
-        return Ok(StepResult::Skipped(warning));
-    };
-    let secret = endpoint
-        .secret()
-        .map_err(|e| StepError::Permanent(e.to_string()))?
-        .ok_or_else(|| StepError::Permanent(format!("hris.endpoints.{name}.secret is not set")))?;
-    let j = &run.stored.journal;
-    let body = json!({
-        "type": "offboard.saga.completed",
-        "saga_id": j.saga_id,
-        "event_id": j.event.id,
-        "employee": {
-            "external_id": j.employee.external_id,
-            "user_id": j.employee.user_id,
-            "agent_id": j.employee.agent_id,
-        },
-        "status": crate::archive::final_status(j).as_str(),
-        "revoked_at": j.revoked_at,
-        "archive": j.archive.as_ref().map(|a| json!({"uri": a.uri, "sha256": a.sha256, "records": a.records})),
-        "manifest": j.manifest.as_ref().map(|m| json!({"uri": m.uri, "sha256": m.sha256})),
-        "steps": j.steps.iter().map(|s| json!({"name": s.name.as_str(), "status": s.status})).collect::<Vec<_>>(),
-    });
-    let body = serde_json::to_vec(&body).unwrap_or_default();
-    let client = http_client(&run.deps.webhook)?;
-    let policy = RetryPolicy {
-        max_attempts: 4,
-        base: Duration::from_millis(300),
-        cap: Duration::from_secs(5),
-        max_elapsed: Duration::from_secs(30),
-    };
-    let mut last = String::new();
-    for attempt in 0..policy.max_attempts {
-        if attempt > 0 {
-            tokio::time::sleep(policy.backoff(attempt - 1)).await;
-        }
-        let timestamp = chrono::Utc::now().timestamp().to_string();
-        let signature = sign(secret.expose_secret().as_bytes(), &timestamp, &body);
-        let result = client
-            .post(&endpoint.url)
-            .header("Content-Type", "application/json")
-            .header(TIMESTAMP_HEADER, &timestamp)
-            .header(SIGNATURE_HEADER, signature)
-            .header("X-Offboard-Saga-Id", &run.stored.journal.saga_id)
-            .body(body.clone())
-            .send()
-            .await;
-        match result {
-            Ok(r) if r.status().is_success() => {
-                info!(endpoint = name, "HRIS notified");
-                return Ok(StepResult::Done(Some(format!("notified `{name}`"))));
-            }
-            Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
-            Err(e) => last = crate::cxone::client::describe_reqwest(&e),
-        }
+impl Notifier for HttpNotifier {
+    fn knows(&self, endpoint: &str) -> bool {
+        self.endpoints.contains_key(endpoint)
     }
-    let warning = format!(
-        "notify `{name}` failed after {} attempts: {last}",
-        policy.max_attempts
-    );
-    warn!("{warning}");
-    run.stored.journal.warnings.push(warning.clone());
-    Ok(StepResult::Skipped(warning))
+
+    fn notify<'a>(
+        &'a self,
+        endpoint: &'a str,
+        notice: &'a Notice,
+    ) -> BoxFuture<'a, Result<String, NotifyError>> {
+        Box::pin(async move {
+            let r = self.send(endpoint, notice).await;
+            if let Err(e) = &r {
+                warn!(endpoint, error = %e, "HRIS notification failed");
+            }
+            r
+        })
+    }
 }
 
 #[cfg(test)]

@@ -11,21 +11,27 @@
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`cxone`]: the CXone client: auth, priority rate limiter, retries, circuit breaker.
 //! - [`event`]: the wire types of termination events, parsed into validated newtypes.
-//! - [`broker`]: RabbitMQ topology, the consumer, publishing and dead-lettering.
-//! - [`saga`]: the offboarding saga: journal, steps, outcomes, and its broker handler.
-//! - [`archive`]: the streamed interaction archive and the write-once audit manifest.
+//! - [`broker`]: RabbitMQ topology, the consumer of both stages, publishing, dead-lettering,
+//!   the trust boundary, session liveness and the saga's broker adapter.
+//! - [`saga`]: the offboarding saga: pure transitions, the runner, one file per step, the
+//!   journal, rescinds, the mass-deletion guard and its ports (no transport types).
+//! - [`evidence`]: the resumable interaction archive and the write-once audit manifest.
+//! - [`hr_export`]: HR exports (CSV, JSON lines) read into validated events.
+//! - [`app`]: builds and starts the worker (for `worker`, `demo` and the tests).
 //! - [`hris`]: the signed HRIS webhook.
 //! - [`store`]: the S3 bucket.
 //! - [`worker`]: wires broker, handler and HTTP together and drains on shutdown.
 //! - [`sim`]: the CXone simulator (`cxone-offboard sim`): the real CXone API plus a `/_sim/` control API.
 //! - [`cli`]: one module per command of the binary.
 
-pub mod archive;
+pub mod app;
 pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod cxone;
 pub mod event;
+pub mod evidence;
+pub mod hr_export;
 pub mod hris;
 pub mod http;
 pub mod metrics;

@@ -43,6 +43,19 @@ pub struct Metrics {
     sagas_held: Counter,
     step_seconds: Family<StepLabel, Histogram>,
     time_to_revoke: Histogram,
+    s3_requests: Family<OperationLabel, Counter>,
+    outcomes_unroutable: Family<RoutingKeyLabel, Counter>,
+    control_headers_ignored: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabel {
+    pub operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoutingKeyLabel {
+    pub routing_key: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -172,8 +185,29 @@ impl Metrics {
             "From the event's time to login blocked, sessions ended and keys revoked",
             time_to_revoke.clone(),
         );
+        let s3_requests = Family::<OperationLabel, Counter>::default();
+        registry.register(
+            "s3_requests",
+            "S3 requests sent, by operation",
+            s3_requests.clone(),
+        );
+        let outcomes_unroutable = Family::<RoutingKeyLabel, Counter>::default();
+        registry.register(
+            "outcomes_unroutable",
+            "Outcomes the broker returned because no queue is bound for them",
+            outcomes_unroutable.clone(),
+        );
+        let control_headers_ignored = Counter::default();
+        registry.register(
+            "control_headers_ignored",
+            "Messages from outside whose x-offboard-* or x-delivery-count headers were ignored",
+            control_headers_ignored.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            s3_requests,
+            outcomes_unroutable,
+            control_headers_ignored,
             sagas,
             sagas_parked,
             sagas_held,
@@ -279,6 +313,23 @@ impl Metrics {
     }
     pub fn drain_started(&self) {
         self.draining.set(1);
+    }
+    pub fn s3_request(&self, operation: &str) {
+        self.s3_requests
+            .get_or_create(&OperationLabel {
+                operation: operation.to_owned(),
+            })
+            .inc();
+    }
+    pub fn outcome_unroutable(&self, routing_key: &str) {
+        self.outcomes_unroutable
+            .get_or_create(&RoutingKeyLabel {
+                routing_key: routing_key.to_owned(),
+            })
+            .inc();
+    }
+    pub fn control_headers_ignored(&self) {
+        self.control_headers_ignored.inc();
     }
 }
 

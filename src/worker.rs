@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::broker::consumer::{Consumer, Handler, PauseSignal};
+use crate::broker::control::ControlKey;
 use crate::config::Settings;
 use crate::http::{self, Readiness};
 use crate::metrics::Metrics;
@@ -34,6 +35,7 @@ pub async fn start<H: Handler>(
     handler: Arc<H>,
     metrics: Metrics,
     pause: Option<PauseSignal>,
+    control: ControlKey,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
     let readiness = Arc::new(Readiness::default());
@@ -46,7 +48,13 @@ pub async fn start<H: Handler>(
     )
     .await?;
     info!(%http_addr, "http endpoints up: /healthz /readyz /metrics");
-    let mut consumer = Consumer::new(settings, handler, readiness.clone(), metrics.clone());
+    let mut consumer = Consumer::new(
+        settings,
+        handler,
+        readiness.clone(),
+        metrics.clone(),
+        control,
+    );
     if let Some(p) = pause {
         consumer = consumer.with_pause(p);
     }

@@ -1,6 +1,8 @@
-//! The work-queue consumer: one connection at a time, reconnecting with backoff; every delivery
-//! decoded and validated, invalid ones dead-lettered at once, valid ones handed to a [`Handler`]
-//! and acked only once the handler has settled them.
+//! The consumer: one connection at a time, reconnecting with backoff, consuming both stages'
+//! queues (access removal from the work queue, housekeeping from the housekeeping queue) with
+//! separate in-flight limits. Every delivery passes the trust boundary (control headers from
+//! outside removed), is decoded and validated (invalid ones dead-lettered at once), handed to
+//! a [`Handler`], and acked only once the handler has settled it.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,14 +21,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use super::control::ControlKey;
 use super::dead_letter::{self, DeadLetter, ErrorClass, Original};
 use super::headers;
 use super::publisher::Publisher;
 use super::topology::{self, TopologyConflict};
 use crate::config::Settings;
-use crate::event::{self, Event, Limits};
+use crate::event::{Event, Rules};
 use crate::http::Readiness;
 use crate::metrics::Metrics;
+use crate::saga::Stage;
 
 /// A valid event with what the broker said about its delivery.
 #[derive(Debug, Clone)]
@@ -35,6 +39,8 @@ pub struct Message {
     pub exchange: String,
     pub routing_key: String,
     pub redelivered: bool,
+    /// The properties after the trust boundary: control headers only if this deployment
+    /// signed them.
     pub properties: BasicProperties,
     pub body: Arc<[u8]>,
 }
@@ -85,6 +91,12 @@ pub struct Context {
     pub abort: CancellationToken,
     /// Cancelled when shutdown begins: finish the current step, then park.
     pub draining: CancellationToken,
+    /// The queue the message came from.
+    pub stage: Stage,
+    /// This connection's session id (its marker queue lives as long as the connection).
+    pub session: String,
+    /// Signs the control headers of the worker's own republications.
+    pub control: ControlKey,
 }
 
 /// Handles valid events. The saga implements it; tests plug in their own.
@@ -109,6 +121,10 @@ pub struct Consumer<H> {
     metrics: Metrics,
     tracker: TaskTracker,
     pause: Option<PauseSignal>,
+    control: ControlKey,
+    rules: Arc<Rules>,
+    /// Prefix of this process's session ids.
+    instance: String,
 }
 
 impl<H: Handler> Consumer<H> {
@@ -117,7 +133,9 @@ impl<H: Handler> Consumer<H> {
         handler: Arc<H>,
         readiness: Arc<Readiness>,
         metrics: Metrics,
+        control: ControlKey,
     ) -> Self {
+        let rules = Arc::new(Rules::from_settings(&settings));
         Self {
             settings,
             handler,
@@ -125,6 +143,9 @@ impl<H: Handler> Consumer<H> {
             metrics,
             tracker: TaskTracker::new(),
             pause: None,
+            control,
+            rules,
+            instance: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
         }
     }
 
@@ -162,6 +183,7 @@ impl<H: Handler> Consumer<H> {
                 Ok(SessionEnd::Shutdown) => break,
                 Ok(SessionEnd::Paused) => {
                     self.readiness.set_paused(true);
+                    sessions += 1;
                     continue;
                 }
                 Ok(SessionEnd::Lost(why)) => {
@@ -213,12 +235,16 @@ impl<H: Handler> Consumer<H> {
             &self.settings.worker.all_delays(&self.settings.safety),
         )
         .await?;
+        let session = format!("{}-{previous_sessions}", self.instance);
+        super::sessions::declare(&setup, amqp, &session).await?;
         let _ = setup.close(200, "declared".into()).await;
+        topology::migrate_classic_delays(
+            &connection,
+            amqp,
+            &self.settings.worker.all_delays(&self.settings.safety),
+        )
+        .await;
 
-        let channel = connection.create_channel().await?;
-        channel
-            .basic_qos(amqp.prefetch, BasicQosOptions::default())
-            .await?;
         let publisher = Publisher::open(&connection).await?;
         let tag = format!(
             "cxone-offboard-{}-{}-{}",
@@ -226,14 +252,30 @@ impl<H: Handler> Consumer<H> {
             std::process::id(),
             previous_sessions
         );
-        let mut deliveries = channel
-            .basic_consume(
-                amqp.requests_queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let mut streams = Vec::new();
+        for (stage, queue, prefetch) in [
+            (Stage::Access, &amqp.requests_queue, amqp.prefetch),
+            (
+                Stage::Housekeeping,
+                &amqp.housekeeping_queue,
+                amqp.housekeeping_prefetch,
+            ),
+        ] {
+            let channel = connection.create_channel().await?;
+            channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await?;
+            let stage_tag = format!("{tag}-{}", stage_name(stage));
+            let consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    stage_tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            streams.push((stage, channel, stage_tag, consumer));
+        }
         let abort = CancellationToken::new();
         self.readiness.set_connected(true);
         self.readiness.set_paused(false);
@@ -241,7 +283,14 @@ impl<H: Handler> Consumer<H> {
         if previous_sessions > 0 {
             self.metrics.broker_reconnected();
         }
-        info!(queue = %amqp.requests_queue, prefetch = amqp.prefetch, "consuming");
+        info!(
+            queue = %amqp.requests_queue,
+            housekeeping = %amqp.housekeeping_queue,
+            prefetch = amqp.prefetch,
+            housekeeping_prefetch = amqp.housekeeping_prefetch,
+            %session,
+            "consuming"
+        );
 
         let mut pause = self.pause.clone();
         let paused = async {
@@ -253,70 +302,112 @@ impl<H: Handler> Consumer<H> {
             }
         };
         tokio::pin!(paused);
-        let limits = Limits {
-            max_bytes: self.settings.worker.max_event_bytes,
-            default_lookback_days: self.settings.worker.archive_lookback_days,
-        };
-        let in_flight = Arc::new(tokio::sync::Semaphore::new(
-            self.settings.worker.max_in_flight,
-        ));
+        let slots = [
+            Arc::new(tokio::sync::Semaphore::new(
+                self.settings.worker.max_in_flight,
+            )),
+            Arc::new(tokio::sync::Semaphore::new(
+                self.settings.worker.housekeeping_max_in_flight,
+            )),
+        ];
         let draining = CancellationToken::new();
+        let mut health = tokio::time::interval(Duration::from_secs(1));
+        let (access_stream, hk_stream) = {
+            let mut it = streams.iter_mut();
+            let a = it.next().map(|s| &mut s.3);
+            let h = it.next().map(|s| &mut s.3);
+            match (a, h) {
+                (Some(a), Some(h)) => (a, h),
+                _ => return Ok(SessionEnd::Lost("consumers missing".into())),
+            }
+        };
 
         let end = loop {
-            tokio::select! {
+            let (stage, next) = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break SessionEnd::Shutdown,
                 _ = &mut paused => break SessionEnd::Paused,
-                next = deliveries.next() => match next {
-                    Some(Ok(delivery)) => {
-                        let permit = tokio::select! {
-                            p = in_flight.clone().acquire_owned() => p,
-                            _ = shutdown.cancelled() => {
-                                // Not started: give it straight back.
-                                let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
-                                break SessionEnd::Shutdown;
-                            }
-                        };
-                        let Ok(permit) = permit else { break SessionEnd::Lost("semaphore closed".into()) };
-                        self.metrics.message_received();
-                        let task = Task {
-                            handler: self.handler.clone(),
-                            metrics: self.metrics.clone(),
-                            ctx: Context {
-                                publisher: publisher.clone(),
-                                abort: abort.clone(),
-                                draining: draining.clone(),
-                            },
-                            dead_letter_exchange: amqp.dead_letter_exchange.clone(),
-                            limits,
-                            rescue: Rescue {
-                                queue: amqp.requests_queue.clone(),
-                                at: (i64::from(amqp.delivery_limit) - 2).max(1),
-                            },
-                        };
-                        self.tracker.spawn(async move {
-                            task.run(delivery).await;
-                            drop(permit);
-                        });
+                _ = health.tick() => {
+                    if !publisher.is_usable() {
+                        break SessionEnd::Lost("the publisher channel closed".into());
                     }
-                    Some(Err(err)) => break SessionEnd::Lost(err.to_string()),
-                    None => break SessionEnd::Lost("the broker cancelled the consumer".into()),
-                },
+                    continue;
+                }
+                next = access_stream.next() => (Stage::Access, next),
+                next = hk_stream.next() => (Stage::Housekeeping, next),
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    let sem = slots[stage as usize].clone();
+                    let permit = tokio::select! {
+                        p = sem.acquire_owned() => p,
+                        _ = shutdown.cancelled() => {
+                            // Not started: give it straight back.
+                            let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                            break SessionEnd::Shutdown;
+                        }
+                    };
+                    let Ok(permit) = permit else {
+                        break SessionEnd::Lost("semaphore closed".into());
+                    };
+                    self.metrics.message_received();
+                    let queue = match stage {
+                        Stage::Access => amqp.requests_queue.clone(),
+                        Stage::Housekeeping => amqp.housekeeping_queue.clone(),
+                    };
+                    let task = Task {
+                        handler: self.handler.clone(),
+                        metrics: self.metrics.clone(),
+                        ctx: Context {
+                            publisher: publisher.clone(),
+                            abort: abort.clone(),
+                            draining: draining.clone(),
+                            stage,
+                            session: session.clone(),
+                            control: self.control.clone(),
+                        },
+                        dead_letter_exchange: amqp.dead_letter_exchange.clone(),
+                        rules: self.rules.clone(),
+                        rescue: Rescue {
+                            queue,
+                            at: (i64::from(amqp.delivery_limit) - 2).max(1),
+                        },
+                    };
+                    self.tracker.spawn(async move {
+                        task.run(delivery).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(err)) => break SessionEnd::Lost(err.to_string()),
+                None => break SessionEnd::Lost("the broker cancelled a consumer".into()),
             }
         };
 
         match end {
             SessionEnd::Shutdown | SessionEnd::Paused => {
-                let _ = channel
-                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                    .await;
+                for (_, channel, tag, _) in &streams {
+                    let _ = channel
+                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                        .await;
+                }
+                let mut end = end;
                 if matches!(end, SessionEnd::Paused) {
-                    // Deliveries already prefetched go back; in-flight ones finish.
-                    self.wait_in_flight(None, &abort).await;
-                    let _ = channel.close(200, "paused".into()).await;
-                    publisher.close().await;
-                    let _ = connection.close(200, "paused".into()).await;
-                    return Ok(SessionEnd::Paused);
+                    // Deliveries already prefetched go back; in-flight ones finish, unless
+                    // shutdown begins meanwhile: then they get the shutdown grace, no more.
+                    self.tracker.close();
+                    tokio::select! {
+                        _ = self.tracker.wait() => {}
+                        _ = shutdown.cancelled() => end = SessionEnd::Shutdown,
+                    }
+                    self.tracker.reopen();
+                    if matches!(end, SessionEnd::Paused) {
+                        for (_, channel, _, _) in &streams {
+                            let _ = channel.close(200, "paused".into()).await;
+                        }
+                        publisher.close().await;
+                        let _ = connection.close(200, "paused".into()).await;
+                        return Ok(SessionEnd::Paused);
+                    }
                 }
                 self.readiness.set_draining();
                 draining.cancel();
@@ -326,9 +417,11 @@ impl<H: Handler> Consumer<H> {
                     grace_secs = grace.as_secs(),
                     "draining"
                 );
-                self.wait_in_flight(Some(grace), &abort).await;
+                self.wait_in_flight(grace, &abort).await;
                 // Anything not acked by now is returned to the queue by closing.
-                let _ = channel.close(200, "shutting down".into()).await;
+                for (_, channel, _, _) in &streams {
+                    let _ = channel.close(200, "shutting down".into()).await;
+                }
                 publisher.close().await;
                 let _ = connection.close(200, "shutting down".into()).await;
                 Ok(SessionEnd::Shutdown)
@@ -342,37 +435,39 @@ impl<H: Handler> Consumer<H> {
         }
     }
 
-    /// Waits for in-flight handlers, up to `grace` when given; past it they are aborted and
-    /// their messages left unacked.
-    async fn wait_in_flight(&self, grace: Option<Duration>, abort: &CancellationToken) {
+    /// Waits for in-flight handlers up to `grace`; past it they are aborted and their messages
+    /// left unacked.
+    async fn wait_in_flight(&self, grace: Duration, abort: &CancellationToken) {
         self.tracker.close();
-        match grace {
-            Some(grace) => {
-                if tokio::time::timeout(grace, self.tracker.wait())
-                    .await
-                    .is_err()
-                {
-                    warn!(
-                        in_flight = self.metrics.in_flight(),
-                        "shutdown grace ran out; unfinished messages return to the queue"
-                    );
-                    abort.cancel();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await;
-                }
-            }
-            None => self.tracker.wait().await,
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                in_flight = self.metrics.in_flight(),
+                "shutdown grace ran out; unfinished messages return to the queue"
+            );
+            abort.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await;
         }
         self.tracker.reopen();
     }
 }
 
-/// One delivery's life: decode, handle, settle.
+fn stage_name(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Access => "access",
+        Stage::Housekeeping => "housekeeping",
+    }
+}
+
+/// One delivery's life: trust boundary, decode, handle, settle.
 struct Task<H> {
     handler: Arc<H>,
     metrics: Metrics,
     ctx: Context,
     dead_letter_exchange: String,
-    limits: Limits,
+    rules: Arc<Rules>,
     rescue: Rescue,
 }
 
@@ -407,14 +502,14 @@ impl<H: Handler> Task<H> {
     }
 
     /// Re-publishes a message that crashed workers keep returning, before the limit hits.
-    async fn rescued(&self, delivery: &Delivery) -> bool {
-        let table = delivery.properties.headers().as_ref();
+    async fn rescued(&self, delivery: &Delivery, properties: &BasicProperties) -> bool {
+        let table = properties.headers().as_ref();
         let count = headers::get_int(table, headers::DELIVERY_COUNT).unwrap_or(0);
         let rescues = headers::get_int(table, RESCUES).unwrap_or(0);
         if count < self.rescue.at || rescues >= MAX_RESCUES {
             return false;
         }
-        let mut fresh = headers::for_republish(delivery.properties.headers().as_ref());
+        let mut fresh = headers::for_republish(table);
         headers::set_int(&mut fresh, RESCUES, rescues + 1);
         if headers::get_str(Some(&fresh), headers::ORIGINAL_EXCHANGE).is_none() {
             headers::set_str(
@@ -428,7 +523,8 @@ impl<H: Handler> Task<H> {
                 delivery.routing_key.as_str(),
             );
         }
-        let props = delivery.properties.clone().with_headers(fresh);
+        self.ctx.control.sign(&mut fresh, &delivery.data);
+        let props = properties.clone().with_headers(fresh);
         match self
             .ctx
             .publisher
@@ -453,16 +549,25 @@ impl<H: Handler> Task<H> {
     }
 
     async fn run_inner(&self, delivery: Delivery) {
-        if self.rescued(&delivery).await {
+        // The trust boundary: nothing below reads a control header the worker did not sign.
+        let (properties, forged) =
+            self.ctx
+                .control
+                .sanitize(&delivery.properties, &delivery.data, delivery.redelivered);
+        if !forged.is_empty() {
+            self.metrics.control_headers_ignored();
+            warn!(headers = ?forged, "control headers on a message from outside ignored");
+        }
+        if self.rescued(&delivery, &properties).await {
             return;
         }
-        let content_type = delivery
-            .properties
+        let content_type = properties
             .content_type()
             .as_ref()
             .map(|c| c.as_str().to_owned());
-        let parsed = event::check_content_type(content_type.as_deref())
-            .and_then(|()| event::parse(&delivery.data, self.limits));
+        let parsed = self
+            .rules
+            .parse_message(content_type.as_deref(), &delivery.data);
         let settle = match parsed {
             Err(invalid) => {
                 self.metrics.message_invalid();
@@ -483,7 +588,7 @@ impl<H: Handler> Task<H> {
                     exchange: delivery.exchange.as_str().to_owned(),
                     routing_key: delivery.routing_key.as_str().to_owned(),
                     redelivered: delivery.redelivered,
-                    properties: delivery.properties.clone(),
+                    properties: properties.clone(),
                     body: Arc::from(delivery.data.as_slice()),
                 };
                 tokio::select! {
@@ -495,17 +600,17 @@ impl<H: Handler> Task<H> {
                 }
             }
         };
-        self.settle(&delivery, settle).await;
+        self.settle(&delivery, &properties, settle).await;
     }
 
-    async fn settle(&self, delivery: &Delivery, settle: Settle) {
+    async fn settle(&self, delivery: &Delivery, properties: &BasicProperties, settle: Settle) {
         match settle {
             Settle::Ack => self.ack(delivery).await,
             Settle::DeadLetter(why) => {
                 let original = Original {
                     exchange: delivery.exchange.as_str(),
                     routing_key: delivery.routing_key.as_str(),
-                    properties: &delivery.properties,
+                    properties,
                     body: &delivery.data,
                 };
                 match dead_letter::publish(
@@ -513,6 +618,7 @@ impl<H: Handler> Task<H> {
                     &self.dead_letter_exchange,
                     &original,
                     &why,
+                    &self.ctx.control,
                 )
                 .await
                 {

@@ -6,6 +6,7 @@ use lapin::BasicProperties;
 
 use serde::{Deserialize, Serialize};
 
+use super::control::ControlKey;
 use super::headers;
 use super::publisher::{PublishError, Publisher};
 
@@ -44,6 +45,17 @@ impl ErrorClass {
     }
 }
 
+impl From<crate::saga::FailureClass> for ErrorClass {
+    fn from(c: crate::saga::FailureClass) -> Self {
+        match c {
+            crate::saga::FailureClass::Invalid => Self::Invalid,
+            crate::saga::FailureClass::Permanent => Self::Permanent,
+            crate::saga::FailureClass::Exhausted => Self::Exhausted,
+            crate::saga::FailureClass::Guard => Self::Guard,
+        }
+    }
+}
+
 impl std::fmt::Display for ErrorClass {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -71,9 +83,14 @@ pub struct Original<'a> {
     pub body: &'a [u8],
 }
 
-/// The properties of the dead-letter copy: the original ones plus the `x-offboard-*` headers.
-pub fn dead_letter_properties(original: &Original<'_>, why: &DeadLetter) -> BasicProperties {
-    let mut table = original.properties.headers().clone().unwrap_or_default();
+/// The properties of the dead-letter copy: the original ones plus the `x-offboard-*` headers,
+/// signed.
+pub fn dead_letter_properties(
+    original: &Original<'_>,
+    why: &DeadLetter,
+    control: &ControlKey,
+) -> BasicProperties {
+    let mut table = headers::for_republish(original.properties.headers().as_ref());
     headers::set_str(&mut table, headers::ERROR_CLASS, why.class.as_str());
     headers::set_str(
         &mut table,
@@ -99,6 +116,7 @@ pub fn dead_letter_properties(original: &Original<'_>, why: &DeadLetter) -> Basi
             original.routing_key,
         );
     }
+    control.sign(&mut table, original.body);
     original.properties.clone().with_headers(table)
 }
 
@@ -108,8 +126,9 @@ pub async fn publish(
     dead_letter_exchange: &str,
     original: &Original<'_>,
     why: &DeadLetter,
+    control: &ControlKey,
 ) -> Result<(), PublishError> {
-    let props = dead_letter_properties(original, why);
+    let props = dead_letter_properties(original, why, control);
     let routing_key = if original.routing_key.is_empty() {
         "dead"
     } else {
@@ -150,7 +169,9 @@ mod tests {
             step: Some("block_login".into()),
             saga_id: None,
         };
-        let out = dead_letter_properties(&original, &why);
+        let key = ControlKey::derive(b"test");
+        let out = dead_letter_properties(&original, &why, &key);
+        assert!(key.verify(out.headers().as_ref(), b"{}"));
         let t = out.headers().as_ref();
         assert_eq!(headers::get_str(t, "x-custom").as_deref(), Some("kept"));
         assert_eq!(

@@ -11,6 +11,41 @@ pub const ORIGINAL_EXCHANGE: &str = "x-offboard-original-exchange";
 pub const ORIGINAL_ROUTING_KEY: &str = "x-offboard-original-routing-key";
 pub const REPLAY_COUNT: &str = "x-offboard-replay-count";
 pub const DELIVERY_COUNT: &str = "x-delivery-count";
+/// Times a message was parked after transient failures (its retry budget).
+pub const PARK_COUNT: &str = "x-offboard-park-count";
+pub const PARK_REASON: &str = "x-offboard-park-reason";
+/// Set by `guard release` on messages an operator let through the mass-deletion guard.
+pub const GUARD_RELEASED: &str = "x-offboard-guard-released";
+/// When the guard held the message.
+pub const HELD_AT: &str = "x-offboard-held-at";
+/// Times a message waited for another delivery holding its saga.
+pub const LEASE_WAITS: &str = "x-offboard-lease-waits";
+
+/// Headers that describe one attempt or one failure: a copy that starts afresh (a replay, a
+/// hand-over to the next stage) drops them, so it gets a new retry budget and current facts.
+pub const PER_ATTEMPT: [&str; 9] = [
+    PARK_COUNT,
+    PARK_REASON,
+    LEASE_WAITS,
+    ERROR_CLASS,
+    ERROR,
+    STEP,
+    SAGA_ID,
+    DEAD_LETTERED_AT,
+    GUARD_RELEASED,
+];
+
+/// `table` without the [`PER_ATTEMPT`] headers and without `x-delivery-count`.
+pub fn fresh(table: Option<&FieldTable>) -> FieldTable {
+    let base = for_republish(table);
+    FieldTable::from(
+        base.inner()
+            .iter()
+            .filter(|(k, _)| !PER_ATTEMPT.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>(),
+    )
+}
 
 /// A header as text, whatever AMQP string type carried it.
 pub fn get_str(table: Option<&FieldTable>, key: &str) -> Option<String> {

@@ -69,7 +69,7 @@ impl DeadInfo {
             .map(str::to_owned);
         let saga_id = headers::get_str(table, headers::SAGA_ID).or_else(|| {
             let v = body_json.as_ref()?;
-            Some(crate::saga::saga_id(
+            Some(crate::event::saga_id(
                 v["source"].as_str()?,
                 v["id"].as_str()?,
             ))
@@ -261,10 +261,37 @@ impl DeadReader {
     }
 }
 
-/// A copy of `properties` with `x-offboard-replay-count` set to `count`; everything else kept.
-pub fn with_replay_count(properties: &BasicProperties, count: i64) -> BasicProperties {
-    let mut table = headers::for_republish(properties.headers().as_ref());
+/// The properties of a replayed copy: a fresh start (no park count, no old error or death
+/// facts, so the saga gets a new retry budget and a new failure is reported as it is), the
+/// original exchange and routing key kept, `x-offboard-replay-count` set to `count`, signed.
+pub fn replay_copy(
+    properties: &BasicProperties,
+    body: &[u8],
+    count: i64,
+    control: &super::control::ControlKey,
+) -> BasicProperties {
+    let fresh = headers::fresh(properties.headers().as_ref());
+    let mut table = FieldTable::from(
+        fresh
+            .inner()
+            .iter()
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "x-death"
+                        | "x-first-death-exchange"
+                        | "x-first-death-queue"
+                        | "x-first-death-reason"
+                        | "x-last-death-exchange"
+                        | "x-last-death-queue"
+                        | "x-last-death-reason"
+                )
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>(),
+    );
     headers::set_int(&mut table, headers::REPLAY_COUNT, count);
+    control.sign(&mut table, body);
     properties.clone().with_headers(table)
 }
 
@@ -289,7 +316,7 @@ mod tests {
         assert_eq!(info.employee.as_deref(), Some("E1"));
         assert_eq!(info.replay_count, 2);
         assert_eq!(info.death_count, 0);
-        assert_eq!(info.saga_id, Some(crate::saga::saga_id("s", "e1")));
+        assert_eq!(info.saga_id, Some(crate::event::saga_id("s", "e1")));
         assert_eq!(
             info.dead_lettered_at.map(|t| t.to_rfc3339()).as_deref(),
             Some("2026-01-02T03:04:05+00:00")

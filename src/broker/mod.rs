@@ -1,11 +1,17 @@
-//! RabbitMQ: the topology of CONTRACT §2, the work-queue consumer, confirmed publishing and
-//! dead-lettering. Nothing outside this module sees lapin types except message headers.
+//! RabbitMQ: the topology of CONTRACT §2, the consumer of both stages, confirmed publishing,
+//! dead-lettering, the trust boundary on control headers, session liveness, and the saga's
+//! adapter ([`handler`], [`outcomes`]). Nothing outside this module sees lapin types except
+//! message headers.
 
 pub mod consumer;
+pub mod control;
 pub mod dead_letter;
+pub mod handler;
 pub mod headers;
 pub mod inspect;
+pub mod outcomes;
 pub mod publisher;
+pub mod sessions;
 pub mod topology;
 
 use anyhow::Context;

@@ -1,12 +1,17 @@
 //! Declares the broker topology of CONTRACT §2, idempotently. A queue that already exists with
 //! other arguments is reported as a [`TopologyConflict`], a start-up error an operator can fix.
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
+use tracing::{info, warn};
 
 use crate::config::AmqpSettings;
+use crate::saga::Stage;
 
 /// A declaration the broker refused because the object exists with different settings.
 #[derive(Debug, thiserror::Error)]
@@ -20,9 +25,30 @@ pub struct TopologyConflict {
     pub detail: String,
 }
 
-/// The delay queues used for parked retries, shortest first.
-pub fn delay_queue_name(settings: &AmqpSettings, label: &str) -> String {
-    format!("{}.{label}", settings.delay_queue_prefix)
+/// The delay queue of `stage` for `secs`: `offboard.delay.requests.30s`,
+/// `offboard.delay.housekeeping.30s`. Each dead-letters back to its stage's queue.
+pub fn delay_queue_name(settings: &AmqpSettings, stage: Stage, secs: u64) -> String {
+    format!(
+        "{}.{}.{secs}s",
+        settings.delay_queue_prefix,
+        match stage {
+            Stage::Access => "requests",
+            Stage::Housekeeping => "housekeeping",
+        }
+    )
+}
+
+/// The queue of a stage.
+pub fn stage_queue(settings: &AmqpSettings, stage: Stage) -> &str {
+    match stage {
+        Stage::Access => &settings.requests_queue,
+        Stage::Housekeeping => &settings.housekeeping_queue,
+    }
+}
+
+/// The classic delay queues of earlier versions (`offboard.delay.30s`), migrated at start-up.
+fn classic_delay_queue_name(settings: &AmqpSettings, secs: u64) -> String {
+    format!("{}.{secs}s", settings.delay_queue_prefix)
 }
 
 fn quorum_args(dead_letter_exchange: Option<&str>, delivery_limit: Option<u32>) -> FieldTable {
@@ -55,22 +81,19 @@ fn quorum_args(dead_letter_exchange: Option<&str>, delivery_limit: Option<u32>) 
     args
 }
 
-/// A delay queue: messages expire after `secs` and dead-letter straight back to the work
+/// A delay queue: messages expire after `secs` and dead-letter straight back to their stage's
 /// queue (through the default exchange). One queue per delay, so no message waits behind a
-/// longer one.
-fn delay_args(s: &AmqpSettings, secs: u64) -> FieldTable {
-    let mut args = FieldTable::default();
+/// longer one. Quorum, with at-least-once dead-lettering: a scheduled termination may wait
+/// here for weeks and must survive the loss of a broker node (RabbitMQ 3.10+).
+fn delay_args(target_queue: &str, secs: u64) -> FieldTable {
+    let mut args = quorum_args(Some(""), None);
     args.insert(
         ShortString::from("x-message-ttl"),
         AMQPValue::LongLongInt(i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)),
     );
     args.insert(
-        ShortString::from("x-dead-letter-exchange"),
-        AMQPValue::LongString("".into()),
-    );
-    args.insert(
         ShortString::from("x-dead-letter-routing-key"),
-        AMQPValue::LongString(s.requests_queue.as_str().into()),
+        AMQPValue::LongString(target_queue.into()),
     );
     args
 }
@@ -184,15 +207,95 @@ pub async fn declare(
         quorum_args(None, None),
     )
     .await?;
-    for secs in delays_secs {
-        let name = delay_queue_name(s, &format!("{secs}s"));
-        queue(
-            channel,
-            &name,
-            "amqp.delay_queue_prefix",
-            delay_args(s, *secs),
-        )
-        .await?;
+    queue(
+        channel,
+        &s.housekeeping_queue,
+        "amqp.housekeeping_queue",
+        quorum_args(Some(&s.dead_letter_exchange), Some(s.delivery_limit)),
+    )
+    .await?;
+    for stage in [Stage::Access, Stage::Housekeeping] {
+        for secs in delays_secs {
+            let name = delay_queue_name(s, stage, *secs);
+            queue(
+                channel,
+                &name,
+                "amqp.delay_queue_prefix",
+                delay_args(stage_queue(s, stage), *secs),
+            )
+            .await?;
+        }
     }
+    Ok(())
+}
+
+/// Moves what waits in the classic delay queues of earlier versions (at-most-once
+/// dead-lettering: lost with their node) back to the work queue, each copy confirmed before its
+/// original is acked, and deletes them once empty. A moved saga finds its journal and goes
+/// back into the new quorum delay queues for what remains of its wait. Safe to run from every
+/// worker at once; a no-op when there is nothing to move.
+pub async fn migrate_classic_delays(
+    connection: &Connection,
+    s: &AmqpSettings,
+    delays_secs: &[u64],
+) {
+    for secs in delays_secs {
+        let name = classic_delay_queue_name(s, *secs);
+        if let Err(e) = migrate_one(connection, s, &name).await {
+            warn!(queue = %name, error = %e, "could not migrate a classic delay queue; will try at the next start");
+        }
+    }
+}
+
+async fn migrate_one(connection: &Connection, s: &AmqpSettings, name: &str) -> anyhow::Result<()> {
+    // A passive declare of a missing queue closes its channel: one channel per look.
+    let probe = connection.create_channel().await?;
+    let exists = probe
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    if probe.status().connected() {
+        let _ = probe.close(200, "probed".into()).await;
+    }
+    if !exists {
+        return Ok(());
+    }
+    let publisher = super::publisher::Publisher::open(connection).await?;
+    let channel = connection.create_channel().await?;
+    let mut moved = 0u64;
+    while let Some(m) = channel
+        .basic_get(name.into(), BasicGetOptions::default())
+        .await?
+    {
+        let table = super::headers::for_republish(m.delivery.properties.headers().as_ref());
+        let props = m.delivery.properties.clone().with_headers(table);
+        publisher
+            .publish("", &s.requests_queue, &m.delivery.data, props, true)
+            .await?;
+        m.delivery.acker.ack(BasicAckOptions::default()).await?;
+        moved += 1;
+    }
+    let deleted = channel
+        .queue_delete(
+            name.into(),
+            QueueDeleteOptions {
+                if_empty: true,
+                ..QueueDeleteOptions::default()
+            },
+        )
+        .await
+        .is_ok();
+    publisher.close().await;
+    if channel.status().connected() {
+        let _ = channel.close(200, "migrated".into()).await;
+    }
+    info!(queue = %name, moved, deleted, "migrated a classic delay queue of an earlier version");
     Ok(())
 }

@@ -83,6 +83,7 @@ pub async fn run(cli: &Cli, args: &Args) -> Result<ExitCode, Failure> {
             &mut a.dead_queue,
             &mut a.outcomes_exchange,
             &mut a.held_queue,
+            &mut a.housekeeping_queue,
             &mut a.delay_queue_prefix,
         ] {
             *name = format!("{prefix}{name}");
@@ -137,16 +138,10 @@ pub async fn run(cli: &Cli, args: &Args) -> Result<ExitCode, Failure> {
 
     let settings = Arc::new(settings);
     let metrics = Metrics::new();
-    let (handler, cxone) = super::worker::build_handler(settings.clone(), metrics.clone()).await?;
+    let app = crate::app::App::build(settings.clone(), metrics).await?;
+    let cxone = app.cxone.clone();
     let shutdown = CancellationToken::new();
-    let running = crate::worker::start(
-        settings.clone(),
-        Arc::new(handler),
-        metrics,
-        Some(cxone.circuit_open()),
-        shutdown.clone(),
-    )
-    .await?;
+    let running = app.start(shutdown.clone()).await?;
     // Wait for the worker to declare the topology.
     let ready_deadline = Instant::now() + Duration::from_secs(30);
     while !running.readiness.is_ready() {
@@ -384,9 +379,12 @@ async fn cleanup(conn: &lapin::Connection, amqp: &crate::config::AmqpSettings) {
         amqp.requests_queue.clone(),
         amqp.dead_queue.clone(),
         amqp.held_queue.clone(),
+        amqp.housekeeping_queue.clone(),
     ];
-    for secs in [1u64, 10, 30, 60, 300, 600, 1800, 3600, 86400] {
-        queues.push(format!("{}.{secs}s", amqp.delay_queue_prefix));
+    for stage in [crate::saga::Stage::Access, crate::saga::Stage::Housekeeping] {
+        for secs in [1u64, 10, 30, 60, 300, 600, 1800, 3600, 86400] {
+            queues.push(crate::broker::topology::delay_queue_name(amqp, stage, secs));
+        }
     }
     for q in queues {
         let _ = ch

@@ -9,11 +9,10 @@ use anyhow::Context;
 use chrono::Utc;
 
 use super::{Cli, Failure};
-use crate::broker::headers;
+use crate::broker::headers::{self, GUARD_RELEASED, HELD_AT};
 use crate::broker::inspect::DeadReader;
 use crate::broker::publisher::Publisher;
 use crate::saga::guard;
-use crate::saga::handler::{GUARD_RELEASED, HELD_AT};
 use crate::store::S3;
 
 #[derive(Debug, clap::Args)]
@@ -159,6 +158,7 @@ async fn release(
         None => None,
     };
     let amqp = &settings.amqp;
+    let control = super::control_key(settings).await?;
     let conn = crate::broker::connect(amqp, "guard").await?;
     let publisher = Publisher::open(&conn)
         .await
@@ -193,6 +193,7 @@ async fn release(
             if !args.dry_run {
                 let mut table = headers::for_republish(m.properties.headers().as_ref());
                 headers::set_str(&mut table, GUARD_RELEASED, &stamp);
+                control.sign(&mut table, &m.body);
                 let props = m.properties.clone().with_headers(table);
                 publisher
                     .publish("", &amqp.requests_queue, &m.body, props, true)

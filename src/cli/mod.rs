@@ -97,6 +97,7 @@ impl From<anyhow::Error> for Failure {
             || error
                 .downcast_ref::<crate::broker::topology::TopologyConflict>()
                 .is_some()
+            || error.downcast_ref::<crate::app::UnfitStore>().is_some()
         {
             EXIT_USAGE
         } else {
@@ -118,6 +119,18 @@ impl From<ConfigError> for Failure {
 /// Loads settings for commands that need them; a bad setting is exit 2.
 pub fn load_settings(cli: &Cli) -> Result<Settings, Failure> {
     Ok(Settings::load(cli.config.as_deref())?)
+}
+
+/// The deployment's control-header key (for commands that republish as the worker does).
+pub async fn control_key(
+    settings: &Settings,
+) -> Result<crate::broker::control::ControlKey, Failure> {
+    if settings.amqp.control_key()?.is_none() {
+        let store = crate::store::S3::new(&settings.s3).await;
+        return Ok(crate::app::control_key(settings, &store).await?);
+    }
+    let store = crate::store::Memory::default();
+    Ok(crate::app::control_key(settings, &store).await?)
 }
 
 /// Runs the parsed command line and maps the result to an exit code.

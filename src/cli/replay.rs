@@ -10,7 +10,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 
 use super::{Cli, Failure};
-use crate::broker::inspect::{DeadInfo, DeadReader, with_replay_count};
+use crate::broker::inspect::{DeadInfo, DeadReader, replay_copy};
 use crate::broker::publisher::Publisher;
 
 #[derive(Debug, clap::Args)]
@@ -18,9 +18,11 @@ use crate::broker::publisher::Publisher;
     after_help = "Filters combine with AND; a repeated filter matches any of its values. \
     Times are RFC 3339 (2026-11-22T10:00:00Z) or relative to now (90s, 30m, 2h, 7d) and apply \
     to when the message was dead-lettered.\n\
-    Copies go to the work queue (amqp.requests_queue) through the default exchange, with every \
-    original header kept and x-offboard-replay-count incremented. A message already replayed \
-    replay.max_count times is refused unless --force.\n\n\
+    Copies go to the work queue (amqp.requests_queue) through the default exchange as a fresh \
+    start: the old park count, error and death headers are dropped (a new retry budget; a new \
+    failure is reported as it happens), x-offboard-replay-count is incremented, and the control \
+    headers are signed. A message already replayed replay.max_count times is refused unless \
+    --force.\n\n\
     Examples:\n  \
     cxone-offboard replay --class permanent --step block_login --dry-run\n  \
     cxone-offboard replay --class exhausted --since 2h --rate 20\n  \
@@ -159,6 +161,11 @@ pub async fn run(cli: &Cli, args: &Args) -> Result<ExitCode, Failure> {
     let amqp = &settings.amqp;
     let max_count = i64::from(settings.replay.max_count);
     let limit = args.limit.unwrap_or(usize::MAX);
+    let control = if args.dry_run {
+        None
+    } else {
+        Some(super::control_key(&settings).await?)
+    };
     let conn = crate::broker::connect(amqp, "replay").await?;
     let publisher = Publisher::open(&conn)
         .await
@@ -203,7 +210,15 @@ pub async fn run(cli: &Cli, args: &Args) -> Result<ExitCode, Failure> {
                     let due = started + pace.mul_f64(replayed as f64);
                     tokio::time::sleep_until(due.into()).await;
                 }
-                let props = with_replay_count(&message.properties, info.replay_count + 1);
+                let Some(control) = &control else {
+                    anyhow::bail!("no control-header key");
+                };
+                let props = replay_copy(
+                    &message.properties,
+                    &message.body,
+                    info.replay_count + 1,
+                    control,
+                );
                 publisher
                     .publish("", &amqp.requests_queue, &message.body, props, true)
                     .await

@@ -219,7 +219,7 @@ async fn run_show(store: &S3, args: &ShowArgs) -> Result<ExitCode, Failure> {
                 "no journal for saga {} at s3://{}/{}",
                 args.id,
                 store.bucket(),
-                Journal::key(&args.id)
+                crate::store::keys::journal(&args.id)
             ),
         });
     };
@@ -306,7 +306,7 @@ async fn run_show(store: &S3, args: &ShowArgs) -> Result<ExitCode, Failure> {
             println!("manifest    {} (sha256 {})", m.uri, m.sha256);
             let check = match store.get(&m.key).await {
                 Ok(Some(o)) => match serde_json::from_slice::<Value>(&o.body) {
-                    Ok(v) => match crate::archive::verify_chain(&v) {
+                    Ok(v) => match crate::evidence::verify_manifest(&v) {
                         Ok(()) => format!(
                             "hash chain ok, head {}",
                             v["chain_head"].as_str().unwrap_or("-")

@@ -12,7 +12,8 @@ use super::{Cli, Failure};
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Checks: the manifest is JSON; its hash chain (sha256 over each step's \
-    canonical JSON, seeded with the saga id) matches hash_chain and chain_head; the archive it \
+    canonical JSON, seeded with the saga id) matches hash_chain and chain_head; its SHA-256 over \
+    the whole canonical document (integrity.sha256) matches, so no field was edited; the archive it \
     names exists and its SHA-256, line count and size match. Rescind manifests (*.rescind.json) \
     and sagas that archived nothing have no archive. Exit 1 on any mismatch.\n\n\
     Example:\n  cxone-offboard verify s3://cxone-offboard/manifests/E000042/0b6c1f7e-6a55-5d7e-9d3e-2f1c0a9b8e77.json"
@@ -23,12 +24,7 @@ pub struct Args {
     pub uri: String,
 }
 
-/// Splits `s3://bucket/key`.
-pub fn parse_s3_uri(uri: &str) -> Option<(&str, &str)> {
-    let rest = uri.strip_prefix("s3://")?;
-    let (bucket, key) = rest.split_once('/')?;
-    (!bucket.is_empty() && !key.is_empty()).then_some((bucket, key))
-}
+use crate::store::keys::parse_uri as parse_s3_uri;
 
 struct Report {
     failed: bool,
@@ -82,17 +78,36 @@ pub async fn run(cli: &Cli, args: &Args) -> Result<ExitCode, Failure> {
             manifest["saga_id"].as_str().unwrap_or("?")
         ),
     );
-    match crate::archive::verify_chain(&manifest) {
-        Ok(()) => report.line(
-            "hash chain",
-            true,
-            format!(
-                "{} steps, head {}",
-                manifest["steps"].as_array().map_or(0, Vec::len),
-                manifest["chain_head"].as_str().unwrap_or("-")
-            ),
-        ),
-        Err(e) => report.line("hash chain", false, e),
+    match crate::evidence::verify_manifest(&manifest) {
+        Ok(()) => {
+            let version = manifest["manifest_version"].as_u64().unwrap_or(1);
+            report.line(
+                "hash chain",
+                true,
+                format!(
+                    "{} steps, head {}",
+                    manifest["steps"].as_array().map_or(0, Vec::len),
+                    manifest["chain_head"].as_str().unwrap_or("-")
+                ),
+            );
+            if version >= 2 {
+                report.line(
+                    "document hash",
+                    true,
+                    format!(
+                        "sha256 {} over the whole manifest",
+                        manifest["integrity"]["sha256"].as_str().unwrap_or("-")
+                    ),
+                );
+            } else {
+                report.line(
+                    "document hash",
+                    true,
+                    "none (a version-1 manifest: only its steps are chained)",
+                );
+            }
+        }
+        Err(e) => report.line("integrity", false, e),
     }
 
     let archive = &manifest["archive"];

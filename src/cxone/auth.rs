@@ -181,7 +181,7 @@ impl Auth {
                     "GET",
                     "discovery",
                     None,
-                    format!("{what}: {}", super::client::describe_reqwest(&e)),
+                    format!("{what}: {}", super::error::describe_reqwest(&e)),
                 )
             })?;
         let status = resp.status().as_u16();
@@ -275,7 +275,7 @@ impl Auth {
                     "POST",
                     TOKEN_ROUTE,
                     None,
-                    super::client::describe_reqwest(&e),
+                    super::error::describe_reqwest(&e),
                 )
             })?;
         let status = resp.status().as_u16();

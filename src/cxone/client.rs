@@ -18,12 +18,12 @@ use url::Url;
 
 use super::auth::{Auth, Endpoints};
 use super::breaker::{Breaker, BreakerConfig};
-use super::error::{CxoneError, ErrorKind, classify_status};
+use super::error::{CxoneError, ErrorKind, classify_status, describe_reqwest};
 use super::limiter::{AimdConfig, Limiter, Priority};
 use super::retry::{RetryPolicy, parse_retry_after};
 use super::{
-    AccessKey, Agent, AgentState, CALL_LOG, CallRecord, ContactsPage, Cxone, Deactivation, Removal,
-    ScimUser, SkillAssignment, SkillResult, User, UserFilter,
+    AccessKey, Agent, AgentState, CallLog, ContactsPage, Cxone, Deactivation, Removal, ScimUser,
+    SkillAssignment, SkillResult, User, UserFilter,
 };
 use crate::config::CxoneSettings;
 use crate::metrics::Metrics;
@@ -92,6 +92,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// Where this handle records its requests (see [`Cxone::recording`]).
+    log: Option<CallLog>,
 }
 
 impl std::fmt::Debug for Client {
@@ -99,33 +101,6 @@ impl std::fmt::Debug for Client {
         f.debug_struct("Client")
             .field("auth", &self.inner.auth)
             .finish_non_exhaustive()
-    }
-}
-
-/// A short, secret-free description of a transport error.
-pub fn describe_reqwest(e: &reqwest::Error) -> String {
-    let what = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else if e.is_body() || e.is_decode() {
-        "connection dropped while reading the answer"
-    } else if e.is_request() {
-        "request failed"
-    } else {
-        "transport error"
-    };
-    // The source chain names the I/O cause (reset, refused…); URLs carry no secrets.
-    let mut cause = String::new();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        cause = s.to_string();
-        source = s.source();
-    }
-    if cause.is_empty() {
-        what.to_owned()
-    } else {
-        format!("{what}: {cause}")
     }
 }
 
@@ -189,7 +164,7 @@ impl Client {
             requests: AtomicU64::new(0),
         });
         tokio::spawn(probe_loop(Arc::downgrade(&inner)));
-        Ok(Self { inner })
+        Ok(Self { inner, log: None })
     }
 
     /// `true` while the circuit is open: the consumer pauses intake on it.
@@ -237,27 +212,9 @@ impl Client {
     fn record(&self, method: &Method, route: &'static str, status: u16) {
         self.inner.requests.fetch_add(1, Ordering::Relaxed);
         self.inner.metrics.cxone_request(route, status);
-        let _ = CALL_LOG.try_with(|log| {
-            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Utc::now();
-            if let Some(last) = log.last_mut()
-                && last.method == method.as_str()
-                && last.route == route
-                && last.status == status
-            {
-                last.count = last.count.saturating_add(1);
-                last.last_at = Some(now);
-                return;
-            }
-            log.push(CallRecord {
-                method: method.as_str().to_owned(),
-                route: route.to_owned(),
-                status,
-                at: now,
-                count: 1,
-                last_at: None,
-            });
-        });
+        if let Some(log) = &self.log {
+            log.record(method.as_str(), route, status);
+        }
     }
 
     /// Sends with retries. Returns 2xx, 404 and `pass` statuses; everything else is an error.
@@ -508,7 +465,10 @@ async fn probe_loop(inner: Weak<Inner>) {
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        let client = Client { inner: strong };
+        let client = Client {
+            inner: strong,
+            log: None,
+        };
         let result = client
             .find_users(UserFilter::ExternalIdentity(PROBE_EXTERNAL_ID))
             .await;
@@ -600,6 +560,13 @@ struct ScimList {
 }
 
 impl Cxone for Client {
+    fn recording(&self, log: CallLog) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            log: Some(log),
+        }
+    }
+
     async fn find_users(&self, by: UserFilter<'_>) -> Result<Vec<User>, CxoneError> {
         let (key, value) = match by {
             UserFilter::ExternalIdentity(v) => ("externalIdentity", v),

@@ -51,6 +51,33 @@ impl CxoneError {
     }
 }
 
+/// A short, secret-free description of a transport error.
+pub fn describe_reqwest(e: &reqwest::Error) -> String {
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "connection dropped while reading the answer"
+    } else if e.is_request() {
+        "request failed"
+    } else {
+        "transport error"
+    };
+    // The source chain names the I/O cause (reset, refused…); URLs carry no secrets.
+    let mut cause = String::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        cause = s.to_string();
+        source = s.source();
+    }
+    if cause.is_empty() {
+        what.to_owned()
+    } else {
+        format!("{what}: {cause}")
+    }
+}
+
 /// The class of an HTTP status (CXONE-API.md §7). 401 is handled before this (refresh once).
 pub fn classify_status(status: u16) -> ErrorKind {
     match status {

@@ -183,13 +183,46 @@ fn is_one(n: &u32) -> bool {
     *n == 1
 }
 
-tokio::task_local! {
-    /// The calls of the saga running in this task; the client appends when it is set.
-    pub static CALL_LOG: std::sync::Arc<std::sync::Mutex<Vec<CallRecord>>>;
+/// Where a client handle records the requests it sends (one per saga run), so the manifest
+/// lists every call. Consecutive identical calls fold into one record.
+#[derive(Debug, Clone, Default)]
+pub struct CallLog(std::sync::Arc<std::sync::Mutex<Vec<CallRecord>>>);
+
+impl CallLog {
+    pub fn record(&self, method: &str, route: &str, status: u16) {
+        let mut log = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Utc::now();
+        if let Some(last) = log.last_mut()
+            && last.method == method
+            && last.route == route
+            && last.status == status
+        {
+            last.count = last.count.saturating_add(1);
+            last.last_at = Some(now);
+            return;
+        }
+        log.push(CallRecord {
+            method: method.to_owned(),
+            route: route.to_owned(),
+            status,
+            at: now,
+            count: 1,
+            last_at: None,
+        });
+    }
+
+    /// The records so far, leaving the log empty.
+    pub fn take(&self) -> Vec<CallRecord> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 /// The CXone operations the saga needs. One real implementation ([`Client`]) and fakes in tests.
-pub trait Cxone: Send + Sync + 'static {
+pub trait Cxone: Clone + Send + Sync + 'static {
+    /// A handle on the same client (same token, limiter and breaker) that records every
+    /// request it sends into `log`.
+    fn recording(&self, log: CallLog) -> Self;
+
     fn find_users(
         &self,
         by: UserFilter<'_>,

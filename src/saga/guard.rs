@@ -11,9 +11,23 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::GuardSettings;
-use crate::store::{Store, StoreError, Write};
+use crate::store::{Store, StoreError, Write, keys};
 
-pub const WINDOW_KEY: &str = "guard/window.json";
+pub const WINDOW_KEY: &str = keys::GUARD_WINDOW;
+
+/// Why an admission could not be decided.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GuardError {
+    /// The window object exists but cannot be read: the guard fails closed (sagas are held).
+    #[error("the guard window {WINDOW_KEY} is unreadable ({0}); sagas are held until it is fixed")]
+    Unreadable(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn parse(body: &[u8]) -> Result<Window, GuardError> {
+    serde_json::from_slice(body).map_err(|e| GuardError::Unreadable(e.to_string()))
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Admission {
@@ -45,9 +59,9 @@ impl Window {
 }
 
 /// Reads the window now (for `guard status`).
-pub async fn read<S: Store>(store: &S, settings: &GuardSettings) -> Result<Window, StoreError> {
+pub async fn read<S: Store>(store: &S, settings: &GuardSettings) -> Result<Window, GuardError> {
     let mut w = match store.get(WINDOW_KEY).await? {
-        Some(obj) => serde_json::from_slice(&obj.body).unwrap_or_default(),
+        Some(obj) => parse(&obj.body)?,
         None => Window::default(),
     };
     w.prune(Utc::now(), settings.window_secs);
@@ -56,7 +70,7 @@ pub async fn read<S: Store>(store: &S, settings: &GuardSettings) -> Result<Windo
 
 type Waiter = (
     String,
-    tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
+    tokio::sync::oneshot::Sender<Result<bool, GuardError>>,
 );
 
 /// Coalesces the admissions of one process: sagas asking at the same time are admitted in one
@@ -80,7 +94,7 @@ impl Gate {
         store: &S,
         settings: &GuardSettings,
         saga_id: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<bool, GuardError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.waiting
             .lock()
@@ -107,11 +121,11 @@ impl Gate {
             }
         }
         rx.await.unwrap_or_else(|_| {
-            Err(StoreError::Transient {
+            Err(GuardError::Store(StoreError::Transient {
                 op: "PUT",
                 key: WINDOW_KEY.to_owned(),
                 message: "admission abandoned".to_owned(),
-            })
+            }))
         })
     }
 }
@@ -121,7 +135,7 @@ pub async fn admit<S: Store>(
     store: &S,
     settings: &GuardSettings,
     saga_id: &str,
-) -> Result<bool, StoreError> {
+) -> Result<bool, GuardError> {
     Ok(admit_all(store, settings, &[saga_id.to_owned()])
         .await?
         .first()
@@ -134,14 +148,11 @@ pub async fn admit_all<S: Store>(
     store: &S,
     settings: &GuardSettings,
     saga_ids: &[String],
-) -> Result<Vec<bool>, StoreError> {
+) -> Result<Vec<bool>, GuardError> {
     for attempt in 0..64u32 {
         let now = Utc::now();
         let (mut window, write) = match store.get(WINDOW_KEY).await? {
-            Some(obj) => (
-                serde_json::from_slice::<Window>(&obj.body).unwrap_or_default(),
-                Write::Replace(obj.etag),
-            ),
+            Some(obj) => (parse(&obj.body)?, Write::Replace(obj.etag)),
             None => (Window::default(), Write::Create),
         };
         window.prune(now, settings.window_secs);
@@ -176,14 +187,14 @@ pub async fn admit_all<S: Store>(
                 let ms = rand::rng().random_range(1..=cap);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
-    Err(StoreError::Transient {
+    Err(GuardError::Store(StoreError::Transient {
         op: "PUT",
         key: WINDOW_KEY.to_owned(),
         message: "too much contention on the guard window".to_owned(),
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -255,6 +266,24 @@ mod tests {
                 .len(),
             10
         );
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_window_fails_closed() {
+        let store = Memory::default();
+        store.overwrite(WINDOW_KEY, bytes::Bytes::from_static(b"{not json"));
+        let settings = GuardSettings {
+            max_destructive_per_window: 10,
+            window_secs: 3600,
+        };
+        assert!(matches!(
+            admit(&store, &settings, "saga-1").await,
+            Err(GuardError::Unreadable(_))
+        ));
+        assert!(matches!(
+            read(&store, &settings).await,
+            Err(GuardError::Unreadable(_))
+        ));
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The saga journal, `sagas/{saga_id}.json`: the event, each step's status, attempts, timings
-//! and compensating record, and a lease so two workers never run one saga at once. Written
+//! and compensating record, and a lease naming the one delivery that runs the saga. Written
 //! with `If-None-Match: *` once and `If-Match` on the previous ETag after that.
+//!
+//! Journals written by earlier versions stay readable: every field added since is optional.
+//! Only [`super::machine`] changes `state` and `status`.
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -8,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cxone::{AccessKey, Agent, CallRecord, ScimUser, SkillAssignment, User};
 use crate::event::{Command, Event, Options};
-use crate::store::{Store, StoreError, Write};
+use crate::evidence::UploadState;
+use crate::store::{Store, StoreError, Write, keys};
 
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -59,6 +63,26 @@ impl StepName {
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|n| n.as_str() == s)
+    }
+
+    /// The steps of the first stage (access removal, CONTRACT §11).
+    pub const ACCESS: [StepName; 4] = [
+        StepName::Resolve,
+        StepName::BlockLogin,
+        StepName::Logout,
+        StepName::RevokeKeys,
+    ];
+
+    /// Steps that change CXone.
+    pub fn is_destructive(self) -> bool {
+        matches!(
+            self,
+            Self::BlockLogin
+                | Self::Logout
+                | Self::RevokeKeys
+                | Self::UnassignSkills
+                | Self::Delete
+        )
     }
 }
 
@@ -121,6 +145,8 @@ pub struct StepRecord {
 pub enum SagaState {
     Running,
     Parked,
+    /// Access is gone and verified; the saga waits in (or runs from) the housekeeping queue.
+    HandedOver,
     Completed,
     Failed,
     Planned,
@@ -227,6 +253,51 @@ pub struct EmployeeIds {
     pub external_id: String,
     pub user_id: Option<String>,
     pub agent_id: Option<i64>,
+    /// How `resolve` found the user; later lookups (a resumed `delete`, a rescind) use the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched_by: Option<MatchedBy>,
+}
+
+/// The UserHub filter that found the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchedBy {
+    ExternalId,
+    Username,
+    Email,
+}
+
+/// What the verification re-read saw after revocation (CONTRACT §4 `verification`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verification {
+    pub agent_active: bool,
+    pub user_status: String,
+    pub active_access_keys: u32,
+    pub logged_in: bool,
+    /// SCIM `active`, when login is blocked through SCIM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scim_active: Option<bool>,
+}
+
+/// The revocation deadline (CONTRACT §4 `sla`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sla {
+    pub revoke_within_secs: u64,
+    pub due_at: DateTime<Utc>,
+    /// `revoked_at <= due_at`; unknown until access is revoked.
+    pub met: Option<bool>,
+}
+
+/// A multipart archive in progress: the window it covers, the next page to fetch and the
+/// upload's resume point. Saved after every part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveProgress {
+    pub key: String,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    /// `_links.next` of the last page whose records are in the uploaded parts.
+    pub next: Option<String>,
+    pub upload: UploadState,
 }
 
 /// Before-images: what compensation would restore.
@@ -274,10 +345,44 @@ pub struct GuardRecord {
     pub at: DateTime<Utc>,
 }
 
+/// Who holds a saga: one delivery of one message, in one broker session of one worker.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Holder {
+    /// The broker session (connection) the delivery came through; it dies with the process.
+    pub session: String,
+    /// This handling of the message.
+    pub delivery: String,
+}
+
+impl Holder {
+    pub fn new(session: impl Into<String>, delivery: impl Into<String>) -> Self {
+        Self {
+            session: session.into(),
+            delivery: delivery.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}|{}", self.session, self.delivery)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
+    /// `{session}|{delivery}` (earlier versions wrote a process id: read as a session).
     pub owner: String,
     pub expires_at: DateTime<Utc>,
+}
+
+impl Lease {
+    pub fn holder(&self) -> Holder {
+        match self.owner.split_once('|') {
+            Some((session, delivery)) => Holder::new(session, delivery),
+            None => Holder::new(self.owner.clone(), ""),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -328,6 +433,20 @@ pub struct Journal {
     /// What a rescind undid and what it could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation: Option<serde_json::Value>,
+    /// When the verification re-read saw access gone, and what it saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Verification>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sla: Option<Sla>,
+    /// A multipart archive in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_progress: Option<ArchiveProgress>,
+    /// When the manifest was prepared: it is built from the journal saved at that instant, so
+    /// a resumed saga writes byte for byte the same manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -336,16 +455,23 @@ pub struct Journal {
 
 impl Journal {
     pub fn new(saga_id: &str, event: &Event, now: DateTime<Utc>) -> Self {
+        let mut j = Self::blank(saga_id, JournalEvent::from_event(event), now);
+        j.employee.external_id = event.employee().external_id.as_str().to_owned();
+        j
+    }
+
+    /// A journal with nothing done yet.
+    pub fn blank(saga_id: &str, event: JournalEvent, now: DateTime<Utc>) -> Self {
         Self {
             format: FORMAT_VERSION,
             saga_id: saga_id.to_owned(),
-            event: JournalEvent::from_event(event),
-            state: SagaState::Running,
-            status: None,
             employee: EmployeeIds {
-                external_id: event.employee().external_id.as_str().to_owned(),
+                external_id: event.external_id.clone(),
                 ..EmployeeIds::default()
             },
+            event,
+            state: SagaState::Running,
+            status: None,
             steps: StepName::ALL
                 .iter()
                 .map(|name| StepRecord {
@@ -374,6 +500,11 @@ impl Journal {
             rescind: None,
             guard: None,
             compensation: None,
+            verified_at: None,
+            verification: None,
+            sla: None,
+            archive_progress: None,
+            manifest_at: None,
             created_at: now,
             updated_at: now,
             completed_at: None,
@@ -397,20 +528,42 @@ impl Journal {
             .map(|s| s.name)
     }
 
-    /// Is the lease held by someone other than `owner` and still valid at `now`?
-    pub fn leased_by_other(&self, owner: &str, now: DateTime<Utc>) -> bool {
-        self.lease
-            .as_ref()
-            .is_some_and(|l| l.owner != owner && l.expires_at > now)
+    /// The holder of an unexpired lease other than `me`.
+    pub fn other_holder(&self, me: &Holder, now: DateTime<Utc>) -> Option<Holder> {
+        let lease = self.lease.as_ref()?;
+        let holder = lease.holder();
+        (holder != *me && lease.expires_at > now).then_some(holder)
     }
 
-    pub fn key(saga_id: &str) -> String {
-        format!("sagas/{saga_id}.json")
+    /// When the event arrived: the journal's creation (the SLA clock starts at `effective_at`
+    /// when there is one).
+    pub fn received_at(&self) -> DateTime<Utc> {
+        self.created_at
     }
 
-    /// The per-employee index entry that lets a rescind find this saga.
-    pub fn index_key(external_id: &str, saga_id: &str) -> String {
-        format!("index/employees/{external_id}/{saga_id}")
+    /// The event's `time`, if it had one.
+    pub fn event_time(&self) -> Option<DateTime<Utc>> {
+        self.event
+            .time
+            .as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc))
+    }
+
+    /// The event's `effective_at`, if it had one.
+    pub fn effective_at(&self) -> Option<DateTime<Utc>> {
+        self.event
+            .effective_at
+            .as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc))
+    }
+
+    /// The access-removal steps are settled (done, skipped, planned).
+    pub fn access_settled(&self) -> bool {
+        StepName::ACCESS
+            .iter()
+            .all(|s| self.step(*s).status.is_settled())
     }
 
     /// Was any step ever attempted (so a run must read before it writes)?
@@ -441,7 +594,7 @@ pub struct Stored {
 
 /// Reads a journal; `None` if the saga never got that far.
 pub async fn load<S: Store>(store: &S, saga_id: &str) -> Result<Option<Stored>, StoreError> {
-    let key = Journal::key(saga_id);
+    let key = keys::journal(saga_id);
     let Some(object) = store.get(&key).await? else {
         return Ok(None);
     };
@@ -467,7 +620,7 @@ pub async fn save<S: Store>(store: &S, stored: &mut Stored) -> Result<(), StoreE
     stored.journal.updated_at = Utc::now();
     let body = serde_json::to_vec_pretty(&stored.journal).map_err(|e| StoreError::Permanent {
         op: "PUT",
-        key: Journal::key(&stored.journal.saga_id),
+        key: keys::journal(&stored.journal.saga_id),
         message: e.to_string(),
     })?;
     let write = match &stored.etag {
@@ -476,7 +629,7 @@ pub async fn save<S: Store>(store: &S, stored: &mut Stored) -> Result<(), StoreE
     };
     let etag = store
         .put(
-            &Journal::key(&stored.journal.saga_id),
+            &keys::journal(&stored.journal.saga_id),
             Bytes::from(body),
             "application/json",
             write,
@@ -484,6 +637,34 @@ pub async fn save<S: Store>(store: &S, stored: &mut Stored) -> Result<(), StoreE
         .await?;
     stored.etag = Some(etag);
     Ok(())
+}
+
+/// The per-employee and per-day index entries of a new saga (idempotent).
+pub(crate) async fn write_indexes<S: Store>(
+    store: &S,
+    external_id: &str,
+    saga_id: &str,
+    received_at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let put = |key: String| async move {
+        match store
+            .put(
+                &key,
+                bytes::Bytes::from(saga_id.to_owned()),
+                "text/plain",
+                Write::Create,
+            )
+            .await
+        {
+            Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    };
+    let (a, b) = tokio::join!(
+        put(keys::employee_index(external_id, saga_id)),
+        put(keys::day_index(received_at.date_naive(), saga_id))
+    );
+    a.and(b)
 }
 
 #[cfg(test)]

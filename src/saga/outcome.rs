@@ -1,15 +1,13 @@
 //! Outcome events (CONTRACT §4): CloudEvents on `offboard.outcomes`, one per saga transition,
 //! with an id deterministic for (saga, type) so a re-publication is a droppable duplicate.
 
-use std::future::Future;
-
 use chrono::{DateTime, SecondsFormat, Utc};
-use lapin::BasicProperties;
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::journal::{ArchiveRecord, ErrorRecord, FinalStatus, Journal, ManifestRecord};
-use crate::broker::publisher::{PublishError, Publisher};
+use crate::config::Settings;
+use crate::store::keys;
 
 /// Namespace of outcome ids (UUID v5 over `saga_id/type`).
 const OUTCOME_NAMESPACE: uuid::Uuid =
@@ -56,7 +54,7 @@ impl Outcome {
     }
 }
 
-fn ts(t: DateTime<Utc>) -> String {
+pub(crate) fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
@@ -118,6 +116,9 @@ pub fn build(journal: &Journal, kind: OutcomeType, extra: Option<Value>) -> Outc
         "status": status.as_str(),
         "steps": steps,
         "revoked_at": journal.revoked_at.map(ts),
+        "verified_at": journal.verified_at.map(ts),
+        "verification": journal.verification,
+        "sla": sla(journal),
         "archive": archive,
         "manifest": manifest,
         "error": error,
@@ -146,36 +147,40 @@ pub fn build(journal: &Journal, kind: OutcomeType, extra: Option<Value>) -> Outc
     Outcome { kind, body }
 }
 
-/// Where outcomes go. The real one publishes with confirms; tests collect them.
-pub trait Outcomes: Send + Sync {
-    fn publish(&self, outcome: &Outcome) -> impl Future<Output = Result<(), PublishError>> + Send;
-}
-
-/// Outcomes on the broker's outcomes exchange.
-#[derive(Debug, Clone)]
-pub struct AmqpOutcomes {
-    pub publisher: Publisher,
-    pub exchange: String,
-}
-
-impl Outcomes for AmqpOutcomes {
-    async fn publish(&self, outcome: &Outcome) -> Result<(), PublishError> {
-        let body = serde_json::to_vec(&outcome.body).unwrap_or_default();
-        let props = BasicProperties::default()
-            .with_content_type("application/cloudevents+json".into())
-            .with_delivery_mode(2)
-            .with_message_id(outcome.id().into())
-            .with_type(outcome.kind.type_name().into());
-        self.publisher
-            .publish(
-                &self.exchange,
-                outcome.kind.routing_key(),
-                &body,
-                props,
-                false,
-            )
-            .await
+/// `sla` of outcomes and manifests (CONTRACT §4).
+pub fn sla(journal: &Journal) -> Value {
+    match &journal.sla {
+        Some(s) => json!({
+            "revoke_within_secs": s.revoke_within_secs,
+            "due_at": ts(s.due_at),
+            "met": s.met,
+        }),
+        None => Value::Null,
     }
+}
+
+/// The outcome of a journal, exactly as it was first published.
+pub(crate) fn outcome_of(j: &Journal, kind: OutcomeType, settings: &Settings) -> Outcome {
+    let bucket = &settings.s3.bucket;
+    let extra = match kind {
+        OutcomeType::Planned => Some(json!({ "plan": j.plan })),
+        OutcomeType::Compensated => Some(json!({
+            "compensation": j.compensation,
+            "rescind_manifest": keys::uri(
+                bucket,
+                &keys::rescind_manifest(&j.employee.external_id, &j.saga_id)
+            ),
+        })),
+        OutcomeType::Held => Some(json!({
+            "guard": {
+                "max_destructive_per_window": settings.guard.max_destructive_per_window,
+                "window_secs": settings.guard.window_secs,
+            }
+        })),
+        OutcomeType::Scheduled => Some(json!({ "effective_at": j.event.effective_at })),
+        _ => None,
+    };
+    build(j, kind, extra)
 }
 
 #[cfg(test)]
@@ -192,8 +197,9 @@ mod tests {
         )
         .expect("valid");
         let mut j = Journal::new("saga-1", &e, Utc::now());
-        j.status = Some(FinalStatus::Deleted);
-        j.completed_at = Some(Utc::now());
+        j.step_mut(super::super::journal::StepName::Delete).status =
+            super::super::journal::StepStatus::Done;
+        super::super::machine::complete(&mut j, false, Utc::now());
         let a = build(&j, OutcomeType::Completed, None);
         let b = build(&j, OutcomeType::Completed, None);
         assert_eq!(a, b);
@@ -210,6 +216,9 @@ mod tests {
             "status",
             "steps",
             "revoked_at",
+            "verified_at",
+            "verification",
+            "sla",
             "archive",
             "manifest",
             "error",

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use super::Shared;
 use super::error::{ApiError, parse_json};
 use super::faults::FaultsRequest;
-use super::world::{AgentState, CreateError, Skill};
+use super::world::{AgentState, CreateError, Skill, Status};
 
 fn unknown_user(external_id: &str) -> ApiError {
     ApiError::not_found(format!("no user with external id {external_id}"))
@@ -40,7 +40,12 @@ struct SkillSpec {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NewUser {
-    external_id: String,
+    /// `null` or absent: a service account without an external id.
+    external_id: Option<String>,
+    username: Option<String>,
+    email: Option<String>,
+    /// `ACTIVE` (default) or `DELETED`.
+    status: Option<String>,
     interactions: Option<u64>,
     skills: Option<Vec<SkillSpec>>,
     state: Option<String>,
@@ -81,13 +86,42 @@ pub(crate) async fn create_user(
         }
         skills.push((skill.skill_id, proficiency));
     }
+    let status = match request.status.as_deref() {
+        None => Status::Active,
+        Some(s) => Status::parse(s).ok_or_else(|| {
+            ApiError::bad_request(format!("unknown status {s:?}; use ACTIVE or DELETED"))
+        })?,
+    };
+    for (what, value) in [("username", &request.username), ("email", &request.email)] {
+        if value
+            .as_deref()
+            .is_some_and(|v| v.is_empty() || v.len() > 256 || v.chars().any(char::is_control))
+        {
+            return Err(ApiError::bad_request(format!(
+                "{what} must be 1-256 printable characters"
+            )));
+        }
+    }
     let mut world = sim.world();
-    let user = world
-        .create(&request.external_id, request.interactions)
+    let created = match &request.external_id {
+        Some(id) => world.create(id, request.interactions),
+        None => world.create_without_external_id(request.interactions),
+    };
+    let index = created
         .map_err(|error| match error {
             CreateError::Exists(_) => ApiError::new(StatusCode::CONFLICT, error.to_string()),
             CreateError::BadExternalId => ApiError::bad_request(error.to_string()),
-        })?;
+        })?
+        .index;
+    if request.username.is_some() || request.email.is_some() {
+        world.rename(index, request.username.clone(), request.email.clone());
+    }
+    let user = world
+        .user(index)
+        .ok_or_else(|| ApiError::not_found("the created user vanished"))?;
+    if status == Status::Deleted {
+        user.set_status(Status::Deleted);
+    }
     if request.skills.is_some() {
         user.skills = skills
             .into_iter()
@@ -107,6 +141,35 @@ pub(crate) async fn create_user(
     }
     user.refuse_delete = request.refuse_delete.unwrap_or(false);
     Ok((StatusCode::CREATED, Json(user.control_view())))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetStatus {
+    status: String,
+}
+
+/// `POST /_sim/users/{external_id}/status` `{"status": "ACTIVE"}`: an administrator re-enables
+/// the account by hand (UserHub ACTIVE, agent active again); `"DELETED"` deactivates it.
+pub(crate) async fn set_status(
+    State(sim): State<Shared>,
+    Path(external_id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let request: SetStatus = parse_json(&body)?;
+    let status = Status::parse(&request.status).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "unknown status {:?}; use ACTIVE or DELETED",
+            request.status
+        ))
+    })?;
+    let mut world = sim.world();
+    let user = world
+        .by_external_id(&external_id)
+        .and_then(|index| world.user(index))
+        .ok_or_else(|| unknown_user(&external_id))?;
+    user.set_status(status);
+    Ok(Json(user.control_view()))
 }
 
 #[derive(Deserialize)]

@@ -448,6 +448,10 @@ fn router(sim: Shared) -> Router {
         .route("/_sim/users", post(control::create_user))
         .route("/_sim/users/{external_id}", get(control::get_user))
         .route("/_sim/users/{external_id}/state", post(control::set_state))
+        .route(
+            "/_sim/users/{external_id}/status",
+            post(control::set_status),
+        )
         .route("/_sim/stats", get(control::stats))
         .route(
             "/_sim/faults",

@@ -53,8 +53,11 @@ fn parse_filter(filter: &str) -> Result<(String, String), ApiError> {
 
 fn lookup(sim: &Sim, world: &World, attribute: &str, value: &str) -> Result<Option<u64>, ApiError> {
     Ok(match attribute.to_ascii_lowercase().as_str() {
-        "externalid" => world.by_external_id(value),
-        "username" | "emails" | "emails.value" => world.by_user_name(value),
+        "externalid" => world
+            .by_external_id(value)
+            .filter(|n| world.has_external_id(*n)),
+        "username" => world.by_user_name(value).into_iter().next(),
+        "emails" | "emails.value" => world.by_email(value).into_iter().next(),
         "id" => Uuid::parse_str(value)
             .ok()
             .and_then(|id| world.by_scim_id(sim.seed_index(), id)),

@@ -41,15 +41,20 @@ struct SearchRequest {
 /// Indices matching every present filter key (any value within a key).
 fn matching(world: &World, filter: &Filter) -> Option<BTreeSet<u64>> {
     let mut result: Option<BTreeSet<u64>> = None;
-    type Lookup = fn(&World, &str) -> Option<u64>;
+    type Lookup = fn(&World, &str) -> Vec<u64>;
     let keys: [(&Option<Vec<String>>, Lookup); 3] = [
-        (&filter.external_identity, World::by_external_id),
+        (&filter.external_identity, |w, v| {
+            w.by_external_id(v)
+                .into_iter()
+                .filter(|n| w.has_external_id(*n))
+                .collect()
+        }),
         (&filter.user_name, World::by_user_name),
-        (&filter.email_address, World::by_user_name),
+        (&filter.email_address, World::by_email),
     ];
     for (values, lookup) in keys {
         let Some(values) = values else { continue };
-        let found: BTreeSet<u64> = values.iter().filter_map(|v| lookup(world, v)).collect();
+        let found: BTreeSet<u64> = values.iter().flat_map(|v| lookup(world, v)).collect();
         result = Some(match result {
             None => found,
             Some(previous) => previous.intersection(&found).copied().collect(),

@@ -137,6 +137,13 @@ pub(crate) struct User {
     pub scim_active: bool,
     pub scim_version: u64,
     pub writes: BTreeMap<String, u64>,
+    /// A created user may carry its own username and email (two users may share one, as two
+    /// people can over time); others are `user{n}@sim.example`.
+    pub user_name_override: Option<String>,
+    pub email_override: Option<String>,
+    /// Service accounts have no external id in UserHub (`external_id` is then only the
+    /// simulator's handle for them).
+    pub has_external_id: bool,
 }
 
 /// The UserHub id of the user with this external id (UUID v5).
@@ -198,6 +205,9 @@ impl User {
             scim_active: true,
             scim_version: 1,
             writes: BTreeMap::new(),
+            user_name_override: None,
+            email_override: None,
+            has_external_id: true,
         }
     }
 
@@ -206,7 +216,38 @@ impl User {
     }
 
     pub fn user_name(&self) -> String {
-        format!("user{}@sim.example", self.index)
+        self.user_name_override
+            .clone()
+            .unwrap_or_else(|| format!("user{}@sim.example", self.index))
+    }
+
+    pub fn email(&self) -> String {
+        self.email_override
+            .clone()
+            .or_else(|| self.user_name_override.clone())
+            .unwrap_or_else(|| format!("user{}@sim.example", self.index))
+    }
+
+    /// `externalIdentity` as UserHub shows it.
+    pub fn external_identity(&self) -> Option<&str> {
+        self.has_external_id.then_some(self.external_id.as_str())
+    }
+
+    /// An administrator sets the status by hand: `ACTIVE` re-enables the account (UserHub
+    /// status and agent), `DELETED` deactivates it.
+    pub fn set_status(&mut self, status: Status) {
+        self.status = status;
+        match status {
+            Status::Active => {
+                self.deleted_date = None;
+                self.agent_active = true;
+                self.scim_active = true;
+            }
+            Status::Deleted => {
+                self.deleted_date = Some(Utc::now());
+                self.agent_active = false;
+            }
+        }
     }
 
     pub fn first_name(&self) -> String {
@@ -240,10 +281,10 @@ impl User {
         let mut view = json!({
             "id": self.user_id,
             "userName": self.user_name(),
-            "emailAddress": self.user_name(),
+            "emailAddress": self.email(),
             "firstName": self.first_name(),
             "lastName": "Sim",
-            "externalIdentity": self.external_id,
+            "externalIdentity": self.external_identity(),
             "status": self.status.name(),
             "teamId": self.team_id,
             "createdDate": rfc3339(self.created),
@@ -262,10 +303,10 @@ impl User {
             "userName": self.user_name(),
             "firstName": self.first_name(),
             "lastName": "Sim",
-            "emailAddress": self.user_name(),
+            "emailAddress": self.email(),
             "isActive": self.agent_active,
             "teamId": self.team_id,
-            "externalIdentity": self.external_id,
+            "externalIdentity": self.external_identity(),
         });
         if let (Some(date), Some(map)) = (&self.termination_date, view.as_object_mut()) {
             map.insert("terminationDate".to_owned(), json!(date));
@@ -278,10 +319,10 @@ impl User {
         json!({
             "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
             "id": self.scim_id,
-            "externalId": self.external_id,
+            "externalId": self.external_identity(),
             "userName": self.user_name(),
             "name": {"givenName": self.first_name(), "familyName": "Sim"},
-            "emails": [{"value": self.user_name(), "type": "work", "primary": true}],
+            "emails": [{"value": self.email(), "type": "work", "primary": true}],
             "active": self.scim_active,
             "meta": {
                 "resourceType": "User",
@@ -301,8 +342,10 @@ impl User {
         json!({
             "user_id": self.user_id,
             "agent_id": self.agent_id(),
-            "external_id": self.external_id,
+            "external_id": self.external_identity(),
+            "handle": self.external_id,
             "user_name": self.user_name(),
+            "email": self.email(),
             "scim_id": self.scim_id,
             "status": self.status.name(),
             "agent_active": self.agent_active,
@@ -357,6 +400,16 @@ impl SeedIndex {
     }
 }
 
+impl Status {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.to_ascii_uppercase().as_str() {
+            "ACTIVE" => Some(Self::Active),
+            "DELETED" => Some(Self::Deleted),
+            _ => None,
+        }
+    }
+}
+
 /// Error of [`World::create`].
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CreateError {
@@ -375,6 +428,9 @@ pub(crate) struct World {
     custom_ids: HashMap<String, u64>,
     custom_uuids: HashMap<Uuid, u64>,
     custom_scim: HashMap<Uuid, u64>,
+    /// Created users by lowercase username and by lowercase email.
+    custom_names: HashMap<String, Vec<u64>>,
+    custom_emails: HashMap<String, Vec<u64>>,
     customs: u64,
 }
 
@@ -388,6 +444,8 @@ impl World {
             custom_ids: HashMap::new(),
             custom_uuids: HashMap::new(),
             custom_scim: HashMap::new(),
+            custom_names: HashMap::new(),
+            custom_emails: HashMap::new(),
             customs: 0,
         }
     }
@@ -426,8 +484,40 @@ impl World {
         (n >= 1 && n <= self.seeded && seed_external_id(n) == external_id).then_some(n)
     }
 
-    /// By `userName` or `emailAddress` (both `user{n}@sim.example`), case-insensitively.
-    pub fn by_user_name(&self, name: &str) -> Option<u64> {
+    /// Every user whose `userName` is `name`, case-insensitively.
+    pub fn by_user_name(&self, name: &str) -> Vec<u64> {
+        self.by_name_or_email(name, &self.custom_names, |u| u.user_name_override.is_some())
+    }
+
+    /// Every user whose `emailAddress` is `email`, case-insensitively.
+    pub fn by_email(&self, email: &str) -> Vec<u64> {
+        self.by_name_or_email(email, &self.custom_emails, |u| {
+            u.email_override.is_some() || u.user_name_override.is_some()
+        })
+    }
+
+    fn by_name_or_email(
+        &self,
+        value: &str,
+        custom: &HashMap<String, Vec<u64>>,
+        overridden: impl Fn(&User) -> bool,
+    ) -> Vec<u64> {
+        let mut out: Vec<u64> = custom
+            .get(&value.to_ascii_lowercase())
+            .cloned()
+            .unwrap_or_default();
+        if let Some(n) = self.by_default_name(value)
+            && !self.users.get(&n).is_some_and(&overridden)
+            && !out.contains(&n)
+        {
+            out.push(n);
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// The user whose default name (`user{n}@sim.example`) this is.
+    fn by_default_name(&self, name: &str) -> Option<u64> {
         let lower = name.to_ascii_lowercase();
         let digits = lower.strip_prefix("user")?.strip_suffix("@sim.example")?;
         if digits.is_empty()
@@ -438,6 +528,11 @@ impl World {
         }
         let n: u64 = digits.parse().ok()?;
         (n >= 1 && n <= self.count()).then_some(n)
+    }
+
+    /// Has user `n` an external id in UserHub (service accounts have none)?
+    pub fn has_external_id(&self, n: u64) -> bool {
+        self.users.get(&n).is_none_or(|u| u.has_external_id)
     }
 
     pub fn by_user_uuid(&self, seeds: &SeedIndex, id: Uuid) -> Option<u64> {
@@ -478,6 +573,37 @@ impl World {
     pub fn by_access_key(&self, id: &str) -> Option<u64> {
         let index = parse_access_key_id(id)?;
         (index >= 1 && index <= self.count()).then_some(index)
+    }
+
+    /// Gives a created user its own username and email.
+    pub fn rename(&mut self, index: u64, user_name: Option<String>, email: Option<String>) {
+        if let Some(name) = &user_name {
+            self.custom_names
+                .entry(name.to_ascii_lowercase())
+                .or_default()
+                .push(index);
+        }
+        if let Some(email) = email.as_ref().or(user_name.as_ref()) {
+            self.custom_emails
+                .entry(email.to_ascii_lowercase())
+                .or_default()
+                .push(index);
+        }
+        if let Some(user) = self.users.get_mut(&index) {
+            user.user_name_override = user_name;
+            user.email_override = email;
+        }
+    }
+
+    /// Creates a service account: a user without an external id, addressed by a handle.
+    pub fn create_without_external_id(
+        &mut self,
+        interactions: Option<u64>,
+    ) -> Result<&mut User, CreateError> {
+        let handle = format!("svc-{}", self.seeded + self.customs + 1);
+        let user = self.create(&handle, interactions)?;
+        user.has_external_id = false;
+        Ok(user)
     }
 
     /// Creates a user outside the seeded range; it gets the next user number.
@@ -527,8 +653,8 @@ mod tests {
         assert_eq!(world.by_external_id("E000007"), Some(7));
         assert_eq!(world.by_external_id("E0000007"), None);
         assert_eq!(world.by_external_id("E000101"), None);
-        assert_eq!(world.by_user_name("USER7@sim.example"), Some(7));
-        assert_eq!(world.by_user_name("user07@sim.example"), None);
+        assert_eq!(world.by_user_name("USER7@sim.example"), vec![7]);
+        assert!(world.by_user_name("user07@sim.example").is_empty());
         let user = world.user(7).expect("seeded user 7").clone();
         assert_eq!(world.by_user_uuid(&seeds, user.user_id), Some(7));
         assert_eq!(world.by_scim_id(&seeds, user.scim_id), Some(7));
@@ -561,7 +687,16 @@ mod tests {
             Err(CreateError::BadExternalId)
         ));
         assert_eq!(world.by_external_id("X-1"), Some(101));
-        assert_eq!(world.by_user_name("user101@sim.example"), Some(101));
+        assert_eq!(world.by_user_name("user101@sim.example"), vec![101]);
+        // Two people may share a username over time.
+        world.rename(101, Some("jane@acme.example".into()), None);
+        let second = world.create("X-2", None).expect("created").index;
+        world.rename(second, Some("Jane@acme.example".into()), None);
+        assert_eq!(world.by_user_name("jane@ACME.example"), vec![101, 102]);
+        assert_eq!(world.by_email("jane@acme.example"), vec![101, 102]);
+        assert!(world.by_user_name("user101@sim.example").is_empty());
+        let svc = world.create_without_external_id(None).expect("created");
+        assert_eq!(svc.external_identity(), None);
     }
 
     #[test]

@@ -62,6 +62,13 @@ impl Names {
     pub fn held(&self) -> String {
         format!("{}offboard.held", self.prefix)
     }
+    pub fn housekeeping(&self) -> String {
+        format!("{}offboard.housekeeping", self.prefix)
+    }
+    /// The delay queue of a stage (`requests` or `housekeeping`) for `secs`.
+    pub fn delay(&self, stage: &str, secs: u64) -> String {
+        format!("{}offboard.delay.{stage}.{secs}s", self.prefix)
+    }
     /// A bucket of this test's own, so journals and the guard window are never shared.
     pub fn bucket(&self) -> String {
         format!("it-{}", self.prefix.trim_end_matches('.'))
@@ -90,6 +97,7 @@ impl Names {
             ("OFFBOARD__AMQP__DEAD_QUEUE", self.dead()),
             ("OFFBOARD__AMQP__OUTCOMES_EXCHANGE", self.outcomes()),
             ("OFFBOARD__AMQP__HELD_QUEUE", self.held()),
+            ("OFFBOARD__AMQP__HOUSEKEEPING_QUEUE", self.housekeeping()),
             (
                 "OFFBOARD__AMQP__DELAY_QUEUE_PREFIX",
                 format!("{p}offboard.delay"),
@@ -120,17 +128,20 @@ impl Names {
         let Ok(ch) = conn.create_channel().await else {
             return;
         };
-        for q in [
+        let mut queues = vec![
             self.requests(),
             self.dead(),
             self.held(),
-            format!("{}offboard.delay.1s", self.prefix),
-            format!("{}offboard.delay.2s", self.prefix),
-            format!("{}offboard.delay.4s", self.prefix),
-            format!("{}offboard.delay.30s", self.prefix),
-            format!("{}offboard.delay.300s", self.prefix),
-            format!("{}offboard.delay.1800s", self.prefix),
-        ] {
+            self.housekeeping(),
+        ];
+        for stage in ["requests", "housekeeping"] {
+            for secs in [
+                1, 2, 4, 8, 10, 16, 30, 32, 60, 64, 300, 600, 1800, 3600, 86400,
+            ] {
+                queues.push(self.delay(stage, secs));
+            }
+        }
+        for q in queues {
             let _ = ch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
@@ -355,6 +366,11 @@ impl TestWorker {
     }
 }
 
+/// The control-header key of workers started with [`spawn_worker`].
+pub fn test_control_key() -> cxone_offboard::broker::control::ControlKey {
+    cxone_offboard::broker::control::ControlKey::derive(b"integration tests")
+}
+
 /// Starts a worker in-process with `handler` (zero-to-production's `spawn_app`).
 pub async fn spawn_worker<H: Handler>(settings: Settings, handler: Arc<H>) -> TestWorker {
     let shutdown = CancellationToken::new();
@@ -363,6 +379,7 @@ pub async fn spawn_worker<H: Handler>(settings: Settings, handler: Arc<H>) -> Te
         handler,
         Metrics::new(),
         None,
+        test_control_key(),
         shutdown.clone(),
     )
     .await
@@ -503,23 +520,11 @@ impl Stack {
         );
         let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let settings = names.settings(&pairs);
-        let metrics = Metrics::new();
-        let arc = Arc::new(settings.clone());
-        let (handler, cxone) =
-            cxone_offboard::cli::worker::build_handler(arc.clone(), metrics.clone())
-                .await
-                .map_err(|f| f.error)
-                .expect("handler builds");
+        let app = cxone_offboard::app::App::build(Arc::new(settings.clone()), Metrics::new())
+            .await
+            .expect("the worker builds");
         let shutdown = CancellationToken::new();
-        let running = worker::start(
-            arc,
-            Arc::new(handler),
-            metrics,
-            Some(cxone.circuit_open()),
-            shutdown.clone(),
-        )
-        .await
-        .expect("worker starts");
+        let running = app.start(shutdown.clone()).await.expect("worker starts");
         let base = format!("http://{}", running.http_addr);
         let worker = TestWorker {
             running,
@@ -592,4 +597,36 @@ impl Stack {
         self.sim.shutdown().await;
         self.names.cleanup().await;
     }
+}
+
+/// Unfinished multipart uploads of `key` (a test-only look: the worker never lists uploads).
+pub async fn open_uploads(store: &cxone_offboard::store::S3, key: &str) -> Vec<String> {
+    store
+        .sdk()
+        .list_multipart_uploads()
+        .bucket(store.bucket())
+        .prefix(key)
+        .send()
+        .await
+        .expect("list uploads")
+        .uploads()
+        .iter()
+        .filter(|u| u.key() == Some(key))
+        .filter_map(|u| u.upload_id().map(str::to_owned))
+        .collect()
+}
+
+/// Declares the worker's topology for `settings` (for tests that fill queues before any worker
+/// runs).
+pub async fn declare_topology(settings: &Settings) {
+    let conn = connect().await.expect("broker");
+    let ch = conn.create_channel().await.expect("channel");
+    cxone_offboard::broker::topology::declare(
+        &ch,
+        &settings.amqp,
+        &settings.worker.all_delays(&settings.safety),
+    )
+    .await
+    .expect("topology");
+    let _ = conn.close(200, "".into()).await;
 }

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::Utc;
-use cxone_offboard::archive::{self, ArchiveWriter};
 use cxone_offboard::broker::headers;
 use cxone_offboard::event::{Limits, parse};
+use cxone_offboard::evidence::{self, ArchiveWriter};
 use cxone_offboard::saga::journal::{ArchiveRecord, Journal, StepStatus};
+use cxone_offboard::store::keys;
 use cxone_offboard::store::{S3, Store, Write};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
 use serde_json::{Value, json};
@@ -48,8 +49,10 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Declares the topology the worker would, so the commands have something to work on.
+/// Declares the topology the worker would, and its bucket (where the control-header key
+/// lives), so the commands have something to work on.
 async fn declare(names: &Names) {
+    names.create_bucket().await;
     let conn = connect().await.expect("broker");
     let ch = conn.create_channel().await.expect("channel");
     cxone_offboard::broker::topology::declare(&ch, &names.settings(&[]).amqp, &[])
@@ -87,6 +90,7 @@ async fn put_dead(outside: &Outside, names: &Names, i: usize, kind: &Dead) {
                 headers::DEAD_LETTERED_AT,
                 &Utc::now().to_rfc3339(),
             );
+            headers::set_int(&mut table, headers::PARK_COUNT, 3);
             if *replays > 0 {
                 headers::set_int(&mut table, headers::REPLAY_COUNT, *replays);
             }
@@ -353,8 +357,12 @@ async fn dlq_list_keeps_order_and_replay_moves_exactly_the_matching_ones() {
     names.cleanup().await;
 }
 
+/// Issue 17, item 5: replay kept the old park count, error class and time, so a replayed saga
+/// had no retry budget left and a new failure was reported with stale facts. A replayed copy
+/// is a fresh start: custom headers and the original route kept, old attempt facts dropped,
+/// the replay counted and the control headers signed.
 #[tokio::test]
-async fn replayed_copies_keep_the_original_headers() {
+async fn replayed_copies_start_afresh_and_keep_the_original_headers() {
     let _shared = BROKER.read().await;
     let names = Names::new();
     declare(&names).await;
@@ -369,11 +377,24 @@ async fn replayed_copies_keep_the_original_headers() {
     assert_eq!(got.len(), 1);
     let h = got[0].delivery.properties.headers().as_ref();
     assert_eq!(headers::get_str(h, "x-custom").as_deref(), Some("kept"));
-    assert_eq!(
-        headers::get_str(h, headers::ERROR_CLASS).as_deref(),
-        Some("permanent")
-    );
+    for stale in [
+        headers::ERROR_CLASS,
+        headers::ERROR,
+        headers::STEP,
+        headers::DEAD_LETTERED_AT,
+        headers::PARK_COUNT,
+        "x-death",
+    ] {
+        assert_eq!(headers::get_str(h, stale), None, "{stale} dropped");
+    }
     assert_eq!(headers::get_int(h, headers::REPLAY_COUNT), Some(1));
+    // Signed with the deployment's key: the worker believes its replay count.
+    let settings = names.settings(&[]);
+    let store = cxone_offboard::store::S3::new(&settings.s3).await;
+    let key = cxone_offboard::app::control_key(&settings, &store)
+        .await
+        .expect("key");
+    assert!(key.verify(h, &got[0].delivery.data));
     let body: Value = serde_json::from_slice(&got[0].delivery.data).expect("json");
     assert_eq!(body["id"], "ev-7");
     names.cleanup().await;
@@ -483,7 +504,7 @@ async fn verify_detects_an_edited_step_and_a_changed_archive_byte() {
     let external_id = format!("V{}", &names.prefix[1..11]);
     let event_body = serde_json::to_vec(&termination("verify-1", &external_id)).expect("json");
     let event = parse(&event_body, Limits::default()).expect("valid");
-    let saga_id = cxone_offboard::saga::saga_id(event.source.as_str(), event.id.as_str());
+    let saga_id = event.saga_id();
     let now = Utc::now();
     let mut journal = Journal::new(&saga_id, &event, now);
     for step in journal.steps.iter_mut() {
@@ -492,27 +513,33 @@ async fn verify_detects_an_edited_step_and_a_changed_archive_byte() {
         step.started_at = Some(now);
         step.finished_at = Some(now);
     }
-    let archive_key = archive::archive_key(&external_id, &saga_id);
-    let mut writer = ArchiveWriter::begin(&store, archive_key.clone())
-        .await
-        .expect("begin");
+    let archive_key = keys::archive(&external_id, &saga_id);
+    let mut writer = ArchiveWriter::begin(&store, archive_key.clone());
     for n in 0..3 {
-        writer
-            .push(json!({"contactId": n, "agentId": 7}).to_string().as_bytes())
-            .await
-            .expect("push");
+        writer.push(json!({"contactId": n, "agentId": 7}).to_string().as_bytes());
     }
-    let (sha256, records, bytes) = writer.finish().await.expect("finish");
+    let summary = writer.finish().await.expect("finish");
     journal.archive = Some(ArchiveRecord {
         uri: store.uri(&archive_key),
         key: archive_key.clone(),
-        sha256,
-        records,
-        bytes,
+        sha256: summary.sha256.clone(),
+        records: summary.records,
+        bytes: summary.bytes,
     });
-    let manifest = archive::build_manifest(&journal, "termination", None);
-    let manifest_key = archive::manifest_key(&external_id, &saga_id);
-    archive::write_once(&store, &manifest_key, &manifest)
+    let manifest_of = |archive: Option<&ArchiveRecord>| {
+        evidence::seal(json!({
+            "kind": "termination",
+            "saga_id": saga_id,
+            "event": {"id": journal.event.id, "source": journal.event.source},
+            "employee": {"external_id": external_id},
+            "status": "DELETED",
+            "steps": journal.steps.iter().map(|s| json!({"name": s.name.as_str(), "status": s.status})).collect::<Vec<_>>(),
+            "archive": archive.map(|a| json!({"uri": a.uri, "sha256": a.sha256, "records": a.records, "bytes": a.bytes})),
+        }))
+    };
+    let manifest = manifest_of(journal.archive.as_ref());
+    let manifest_key = keys::manifest(&external_id, &saga_id);
+    evidence::write_once(&store, &manifest_key, &manifest)
         .await
         .expect("written");
     let uri = store.uri(&manifest_key);
@@ -530,7 +557,32 @@ async fn verify_detects_an_edited_step_and_a_changed_archive_byte() {
     let out = run(&names, &["verify", &uri]).await;
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains("hash chain       FAIL"), "{stdout}");
+    assert!(
+        stdout.contains("integrity        FAIL  hash chain breaks at step 1"),
+        "{stdout}"
+    );
+
+    // Fields outside the steps edited (issue 17, item 3: the chain covered only the steps,
+    // so these passed).
+    for (field, value) in [
+        ("status", json!("COMPENSATED")),
+        ("employee", json!({"external_id": "SOMEONE-ELSE"})),
+        (
+            "archive",
+            json!({"uri": "s3://elsewhere/x", "sha256": "00", "records": 0, "bytes": 0}),
+        ),
+    ] {
+        let mut edited = manifest.clone();
+        edited[field] = value;
+        put_json(&store, &manifest_key, &edited).await;
+        let out = run(&names, &["verify", &uri]).await;
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{field}: {stdout}");
+        assert!(
+            stdout.contains("changed after it was written"),
+            "{field}: {stdout}"
+        );
+    }
 
     // The manifest intact again, one byte of the archive changed.
     put_json(&store, &manifest_key, &manifest).await;
@@ -545,7 +597,7 @@ async fn verify_detects_an_edited_step_and_a_changed_archive_byte() {
         .put(
             &archive_key,
             Bytes::from(changed),
-            archive::NDJSON,
+            evidence::NDJSON,
             Write::Always,
         )
         .await
@@ -557,9 +609,10 @@ async fn verify_detects_an_edited_step_and_a_changed_archive_byte() {
     assert!(stdout.contains("hash chain       ok"), "{stdout}");
 
     // A rescind manifest without an archive verifies.
-    let rescind_key = archive::rescind_manifest_key(&external_id, &saga_id);
-    journal.archive = None;
-    let rescind = archive::build_manifest(&journal, "rescind", None);
+    let rescind_key = keys::rescind_manifest(&external_id, &saga_id);
+    let mut rescind = manifest_of(None);
+    rescind["kind"] = json!("rescind");
+    let rescind = evidence::seal(rescind);
     put_json(&store, &rescind_key, &rescind).await;
     let out = run(&names, &["verify", &store.uri(&rescind_key)]).await;
     assert!(out.status.success(), "{}", text(&out.stdout));

@@ -1,8 +1,8 @@
 //! Property tests of event validation and the CSV importer (issue 11). `PROPTEST_CASES` sets the
 //! number of cases (256 by default; `make reliability` runs 10,000).
 
-use cxone_offboard::cli::publish::{read_csv, read_jsonl};
 use cxone_offboard::event::{self, Limits};
+use cxone_offboard::hr_export::{read_csv, read_jsonl};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -85,12 +85,12 @@ proptest! {
     /// The CSV importer on arbitrary bytes: no panic, and whatever it calls ready is a valid event.
     #[test]
     fn csv_importer_only_emits_valid_events(text in proptest::collection::vec(any::<u8>(), 0..1024)) {
-        if let Ok(rows) = read_csv(&text, "hris://p", "2026-01-01T00:00:00Z", Limits::default()) {
+        if let Ok(rows) = read_csv(&text, "hris://p", "2026-01-01T00:00:00Z", &event::Rules::default()) {
             for row in rows.into_iter().flatten() {
                 prop_assert!(event::parse(&row.body, Limits::default()).is_ok());
             }
         }
-        for row in read_jsonl(&text, Limits::default()).into_iter().flatten() {
+        for row in read_jsonl(&text, &event::Rules::default()).into_iter().flatten() {
             prop_assert!(event::parse(&row.body, Limits::default()).is_ok());
         }
     }
@@ -105,8 +105,8 @@ proptest! {
         for id in &ids {
             text.push_str(&format!("{id},involuntary\n"));
         }
-        let a = read_csv(text.as_bytes(), "hris://p", "2026-01-01T00:00:00Z", Limits::default()).expect("header");
-        let b = read_csv(text.as_bytes(), "hris://p", "2026-01-01T00:00:00Z", Limits::default()).expect("header");
+        let a = read_csv(text.as_bytes(), "hris://p", "2026-01-01T00:00:00Z", &event::Rules::default()).expect("header");
+        let b = read_csv(text.as_bytes(), "hris://p", "2026-01-01T00:00:00Z", &event::Rules::default()).expect("header");
         prop_assert_eq!(a.len(), ids.len());
         for ((row, again), id) in a.iter().zip(&b).zip(&ids) {
             let valid = event::parse(&event_with("x", id), Limits::default()).is_ok();

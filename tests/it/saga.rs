@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use cxone_offboard::archive;
 use cxone_offboard::broker::headers;
+use cxone_offboard::evidence;
 use cxone_offboard::sim::SimOptions;
 use cxone_offboard::store::{S3, Store};
 use serde_json::{Value, json};
@@ -254,7 +254,7 @@ async fn a_large_history_is_archived_streamed_checksummed_and_chained() {
     let sha = hex::encode(Sha256::digest(&body));
     assert_eq!(archive_out["sha256"], sha);
     assert_eq!(archive_out["bytes"], body.len());
-    assert!(store.pending_uploads(key).await.expect("list").is_empty());
+    assert!(crate::helpers::open_uploads(&store, key).await.is_empty());
     // The manifest agrees and its chain verifies.
     let m_uri = o["data"]["manifest"]["uri"].as_str().expect("manifest uri");
     let m_key = m_uri
@@ -267,7 +267,7 @@ async fn a_large_history_is_archived_streamed_checksummed_and_chained() {
     );
     let manifest: Value = serde_json::from_slice(&m.body).expect("manifest json");
     assert_eq!(manifest["archive"]["sha256"], sha);
-    archive::verify_chain(&manifest).expect("hash chain verifies");
+    evidence::verify_manifest(&manifest).expect("the manifest verifies");
     assert!(!manifest["calls"].as_array().expect("calls").is_empty());
     assert_eq!(
         manifest["compensating_records"]["skills"]
@@ -305,6 +305,8 @@ async fn receiver() -> (
     (format!("http://{addr}"), got)
 }
 
+/// Issue 17, item 2: an event naming an unknown endpoint (or a URL) was offboarded and only
+/// warned about at the notify step. It is invalid input: dead-lettered, no CXone call.
 #[tokio::test]
 async fn the_hris_webhook_is_signed_and_only_configured_endpoints_are_called() {
     let _shared = BROKER.read().await;
@@ -325,12 +327,35 @@ async fn the_hris_webhook_is_signed_and_only_configured_endpoints_are_called() {
         .terminate("E000002", json!({"notify": "bamboo"}))
         .await;
     stack.terminate("E000003", json!({"notify": url})).await;
-    let outcomes = stack.tap.wait(3, Duration::from_secs(60)).await;
+    let outcomes = stack.tap.wait(1, Duration::from_secs(60)).await;
     assert_eq!(
         by_type(&outcomes, "offboard.saga.completed").len(),
-        3,
+        1,
         "{outcomes:#?}"
     );
+    assert_eq!(
+        stack
+            .outside
+            .wait_len(&stack.names.dead(), 2, Duration::from_secs(30))
+            .await,
+        2
+    );
+    let dead = stack.outside.drain(&stack.names.dead()).await;
+    for m in &dead {
+        let h = m.delivery.properties.headers().as_ref();
+        assert_eq!(
+            cxone_offboard::broker::headers::get_str(h, "x-offboard-error-class").as_deref(),
+            Some("invalid")
+        );
+        let why =
+            cxone_offboard::broker::headers::get_str(h, "x-offboard-error").unwrap_or_default();
+        assert!(why.contains("data.notify"), "{why}");
+        assert!(why.contains("not a configured HRIS endpoint"), "{why}");
+    }
+    for user in ["E000002", "E000003"] {
+        let u = stack.sim_get(&format!("/_sim/users/{user}")).await;
+        assert_eq!(u["agent_active"], true, "no CXone call for {user}");
+    }
     let requests = got.lock().await.clone();
     assert_eq!(requests.len(), 1, "only the configured endpoint was called");
     let (h, body) = &requests[0];
@@ -340,31 +365,26 @@ async fn the_hris_webhook_is_signed_and_only_configured_endpoints_are_called() {
     assert!(!cxone_offboard::hris::verify(b"wrong", ts, body, sig));
     let sent: Value = serde_json::from_slice(body).expect("json body");
     assert_eq!(sent["employee"]["external_id"], "E000001");
-    for o in &outcomes {
-        let subject = o["subject"].as_str().expect("subject");
-        if subject != "E000001" {
-            let warnings = o["data"]["warnings"].to_string();
-            assert!(warnings.contains("no HRIS endpoint named"), "{o}");
-        }
-    }
     stack.stop().await;
 }
 
+/// Issue 17, item 3: `write_once` accepted any manifest already at the key whose ids matched
+/// and whose chain verified. Evidence is never replaced and never adopted: only a manifest
+/// byte for byte equal to what this saga writes is accepted (a crash right after writing it);
+/// a different one fails the saga and stays as it is.
 #[tokio::test]
-async fn a_manifest_already_in_s3_is_kept_and_verified_not_overwritten() {
+async fn a_different_manifest_already_in_s3_fails_the_saga_and_is_kept() {
     let _shared = BROKER.read().await;
     let stack = Stack::start(sim(10, 1), &[]).await;
     let event_id = uuid::Uuid::new_v4().to_string();
-    let saga_id = cxone_offboard::saga::saga_id("hris://test/acme", &event_id);
-    // An earlier run wrote the manifest, then crashed before recording it.
-    let steps = vec![json!({"name": "resolve", "status": "done"})];
-    let chain = archive::hash_chain(&saga_id, &steps);
-    let earlier = json!({
-        "saga_id": saga_id, "event": {"id": event_id}, "steps": steps,
-        "hash_chain": chain, "chain_head": chain[0], "written_by": "an earlier run",
-    });
+    let saga_id = cxone_offboard::event::saga_id("hris://test/acme", &event_id);
+    // Someone wrote a manifest for this saga: same ids, a valid chain, other content.
+    let earlier = evidence::seal(json!({
+        "saga_id": saga_id, "event": {"id": event_id}, "status": "DELETED",
+        "steps": [{"name": "resolve", "status": "done"}], "written_by": "someone else",
+    }));
     let store = S3::new(&stack.settings.s3).await;
-    let key = archive::manifest_key("E000002", &saga_id);
+    let key = cxone_offboard::store::keys::manifest("E000002", &saga_id);
     let body = serde_json::to_vec_pretty(&earlier).expect("json");
     let earlier_sha = hex::encode(Sha256::digest(&body));
     store
@@ -380,18 +400,19 @@ async fn a_manifest_already_in_s3_is_kept_and_verified_not_overwritten() {
         .publish_event(&crate::helpers::termination(&event_id, "E000002"))
         .await;
     let outcomes = stack.tap.wait(1, Duration::from_secs(60)).await;
-    assert_eq!(
-        outcomes[0]["type"], "offboard.saga.completed",
-        "{}",
-        outcomes[0]
+    let o = &outcomes[0];
+    assert_eq!(o["type"], "offboard.saga.failed", "{o}");
+    assert_eq!(o["data"]["error"]["step"], "manifest", "{o}");
+    assert_eq!(o["data"]["error"]["class"], "permanent", "{o}");
+    let message = o["data"]["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("a different manifest already exists"),
+        "{message}"
     );
-    assert_eq!(outcomes[0]["data"]["manifest"]["sha256"], earlier_sha);
+    // Access was revoked all the same, and the evidence there was not overwritten.
+    assert!(o["data"]["revoked_at"].is_string());
     let kept = store.get(&key).await.expect("get").expect("manifest");
-    assert_eq!(
-        hex::encode(Sha256::digest(&kept.body)),
-        earlier_sha,
-        "not overwritten"
-    );
+    assert_eq!(hex::encode(Sha256::digest(&kept.body)), earlier_sha);
     stack.stop().await;
 }
 
