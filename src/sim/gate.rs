@@ -43,7 +43,9 @@ pub(crate) async fn open(State(sim): State<Shared>, req: Request, next: Next) ->
 /// Gates every authenticated request and counts it.
 pub(crate) async fn authenticated(State(sim): State<Shared>, req: Request, next: Next) -> Response {
     let key = route_key(&req);
+    sim.stats().started(&key);
     let response = gate(&sim, key.clone(), req, next).await;
+    sim.stats().finished(&key);
     let status = response.status();
     let status = if response.extensions().get::<ConnectionReset>().is_some() {
         RESET

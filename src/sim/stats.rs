@@ -13,6 +13,8 @@ pub(crate) struct Stats {
     total: u64,
     throttled: u64,
     by_route: HashMap<String, HashMap<String, u64>>,
+    /// Requests being served now, by route: lets a test wait until a call is in progress.
+    in_flight: HashMap<String, u64>,
 }
 
 impl Stats {
@@ -33,6 +35,19 @@ impl Stats {
         }
     }
 
+    pub fn started(&mut self, route: &str) {
+        *self.in_flight.entry(route.to_owned()).or_default() += 1;
+    }
+
+    pub fn finished(&mut self, route: &str) {
+        if let Some(n) = self.in_flight.get_mut(route) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.in_flight.remove(route);
+            }
+        }
+    }
+
     pub fn throttled(&mut self) {
         self.throttled += 1;
     }
@@ -43,7 +58,13 @@ impl Stats {
             .iter()
             .map(|(route, statuses)| (route, statuses.iter().collect()))
             .collect();
-        json!({"total": self.total, "throttled": self.throttled, "by_route": by_route})
+        let in_flight: BTreeMap<&String, &u64> = self.in_flight.iter().collect();
+        json!({
+            "total": self.total,
+            "throttled": self.throttled,
+            "by_route": by_route,
+            "in_flight": in_flight,
+        })
     }
 }
 

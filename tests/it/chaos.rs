@@ -20,7 +20,7 @@ use rand::Rng;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use crate::helpers::{BROKER, Names, Outside, connect, termination};
+use crate::helpers::{BROKER, Names, Outside, connect, rabbitmqctl, termination};
 use crate::process::{WorkerProcess, free_port, sim_user};
 
 pub(crate) fn env_num(name: &str, default: u64) -> u64 {
@@ -57,17 +57,12 @@ impl OwnS3 {
             child,
             endpoint: format!("http://127.0.0.1:{port}"),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if reqwest::get(format!("{}/moto-api/", me.endpoint))
-                .await
-                .is_ok()
-            {
-                return me;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        panic!("moto on {} never answered", me.endpoint);
+        let url = format!("{}/moto-api/", me.endpoint);
+        crate::helpers::eventually("moto to answer", Duration::from_secs(30), || async {
+            reqwest::get(&url).await.ok().map(|_| ())
+        })
+        .await;
+        me
     }
 
     fn signal(&self, sig: &str) {
@@ -104,16 +99,6 @@ impl Drop for OwnS3 {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-pub(crate) fn rabbitmqctl(args: &[&str]) -> bool {
-    Command::new("rabbitmqctl")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 /// Brings the broker back even when a test panics between stop and start.
@@ -635,9 +620,8 @@ async fn run(scenario: Scenario) -> Figures {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // Late re-publications, if any, arrive within a moment.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
+    // A re-publication happens before its original is acked, so once nothing is unacked (the
+    // loop below) none is still to come.
     // Nothing stuck: with the workers still running nothing may be ready or unacked
     // (rabbitmqctl's quorum-queue counters lag by a few seconds: poll until they settle) ...
     let mut stuck_running = u64::MAX;

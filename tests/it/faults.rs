@@ -3,13 +3,13 @@
 //! right class, nothing lost or left in a queue; the breaker opens on an outage and closes.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cxone_offboard::sim::{RetryAfter, SimOptions};
 use serde_json::{Value, json};
 
 use crate::chaos::{Figures, is_terminal};
-use crate::helpers::{BROKER, Stack};
+use crate::helpers::{BROKER, Stack, metrics_text, until};
 
 fn sim(users: u64) -> SimOptions {
     SimOptions {
@@ -47,21 +47,21 @@ async fn publish_all(stack: &Stack, n: u64) -> Vec<String> {
 
 /// Waits for one terminal outcome per event; returns the terminal outcomes by event id.
 async fn terminal(stack: &Stack, ids: &[String], within: Duration) -> BTreeMap<String, Value> {
-    let deadline = Instant::now() + within;
-    loop {
-        let got: BTreeMap<String, Value> = stack
-            .tap
-            .all()
-            .await
-            .into_iter()
-            .filter(is_terminal)
-            .filter_map(|o| Some((o["data"]["event_id"].as_str()?.to_owned(), o)))
-            .collect();
-        if ids.iter().all(|i| got.contains_key(i)) || Instant::now() > deadline {
-            return got;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until(
+        within,
+        || async {
+            stack
+                .tap
+                .all()
+                .await
+                .into_iter()
+                .filter(is_terminal)
+                .filter_map(|o| Some((o["data"]["event_id"].as_str()?.to_owned(), o)))
+                .collect::<BTreeMap<String, Value>>()
+        },
+        |got| ids.iter().all(|i| got.contains_key(i)),
+    )
+    .await
 }
 
 /// Counts and checks a finished case, reports it, stops the stack.
@@ -94,10 +94,17 @@ async fn finish(
         all.iter().filter_map(|o| o["id"].as_str()).collect();
     f.distinct_outcome_ids = distinct.len();
     f.duplicated = all.len() - distinct.len();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    f.dead_lettered = u64::from(stack.outside.queue_len(&stack.names.dead()).await);
+    // A failed saga's dead letter follows its outcome: wait for one per failure.
+    let failed = u32::try_from(f.failed).unwrap_or(u32::MAX);
+    f.dead_lettered = u64::from(
+        stack
+            .outside
+            .wait_len(&stack.names.dead(), failed, Duration::from_secs(10))
+            .await,
+    );
     f.stuck = u64::from(stack.outside.queue_len(&stack.names.requests()).await)
-        + u64::from(stack.outside.queue_len(&stack.names.held()).await);
+        + u64::from(stack.outside.queue_len(&stack.names.held()).await)
+        + u64::from(stack.outside.queue_len(&stack.names.housekeeping()).await);
     f.report();
     for o in got.values().filter(|o| o["type"] == "offboard.saga.failed") {
         println!("{name}: failed: {}", o["data"]["error"]);
@@ -179,7 +186,25 @@ async fn faults_timeouts_recover_and_persistent_ones_fail_as_exhausted() {
         .await;
     let first = publish_all(&stack, 3).await;
     // ... until it has been tried a few times; then the tenant recovers.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // ... each tried more than once (a timed-out call answers nothing: status 0) ...
+    let timeouts = format!(
+        "offboard_cxone_requests_total{{route=\"{}\",status=\"0\"}}",
+        logout.trim_start_matches("POST ")
+    );
+    let count = |text: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(&timeouts))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let base = stack.worker.base.clone();
+    let seen = until(
+        Duration::from_secs(30),
+        || async { count(&metrics_text(&base).await) },
+        |n| *n >= 6,
+    )
+    .await;
+    assert!(seen >= 6, "logouts timed out {seen} times");
     assert!(
         stack.tap.all().await.is_empty(),
         "nothing finished while timing out"
@@ -228,7 +253,9 @@ async fn faults_token_expiry_every_two_seconds_and_revocation() {
     )
     .await;
     let ids = publish_all(&stack, 30).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Mid-run: some sagas finished, most not yet.
+    let early = terminal(&stack, &ids[..3], Duration::from_secs(60)).await;
+    assert!(early.len() < ids.len(), "revoked mid-run");
     stack
         .sim_post("/_sim/faults", json!({"revoke_tokens": true}))
         .await;
@@ -323,16 +350,17 @@ async fn faults_the_breaker_opens_on_an_outage_and_closes_after_it() {
         .sim_post("/_sim/faults", json!({"error_rate": 1.0, "status": 503}))
         .await;
     let ids = publish_all(&stack, 10).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut opened = false;
-    while Instant::now() < deadline {
-        if readyz_text(&stack).await.contains("circuit open") {
-            opened = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(opened, "the breaker opened and paused consumption");
+    crate::helpers::eventually(
+        "the breaker to open and pause consumption",
+        Duration::from_secs(20),
+        || async {
+            readyz_text(&stack)
+                .await
+                .contains("circuit open")
+                .then_some(())
+        },
+    )
+    .await;
     stack.sim_post("/_sim/faults", json!({})).await;
     let got = terminal(&stack, &ids, Duration::from_secs(90)).await;
     let text = readyz_text(&stack).await;

@@ -18,6 +18,54 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
 
+/// Polls `probe` until it gives `Some`, and returns that; panics naming `what` after `within`.
+/// The one way tests wait: for a condition, with a deadline, never a bare sleep.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gave up after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Like [`eventually`], but gives the last value instead of panicking (for tests that then
+/// say what was missing).
+pub async fn until<T, F, Fut>(within: Duration, mut probe: F, done: impl Fn(&T) -> bool) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        let v = probe().await;
+        if done(&v) || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `rabbitmqctl` quietly; true when it succeeded.
+pub fn rabbitmqctl(args: &[&str]) -> bool {
+    std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
 /// Tests that restart the broker take this for writing; every other broker test for reading.
 pub static BROKER: RwLock<()> = RwLock::const_new(());
 
@@ -264,14 +312,7 @@ impl Outside {
 
     /// Waits until `queue` holds `n` messages (or the deadline passes) and returns the count.
     pub async fn wait_len(&self, queue: &str, n: u32, within: Duration) -> u32 {
-        let deadline = Instant::now() + within;
-        loop {
-            let len = self.queue_len(queue).await;
-            if len >= n || Instant::now() > deadline {
-                return len;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        until(within, || self.queue_len(queue), |len| *len >= n).await
     }
 }
 
@@ -300,13 +341,17 @@ pub struct Recorder {
 impl Recorder {
     /// Waits (up to 5 s) until at least one event has finished; returns those finished.
     pub async fn wait_finished(&self) -> Vec<String> {
-        for _ in 0..100 {
-            if !self.finished.lock().await.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        self.finished.lock().await.clone()
+        self.wait_finished_n(1, Duration::from_secs(5)).await
+    }
+
+    /// Waits until `n` events have finished (or `within` passed); returns those finished.
+    pub async fn wait_finished_n(&self, n: usize, within: Duration) -> Vec<String> {
+        until(
+            within,
+            || async { self.finished.lock().await.clone() },
+            |f| f.len() >= n,
+        )
+        .await
     }
 }
 
@@ -350,14 +395,7 @@ impl TestWorker {
     }
 
     pub async fn wait_ready(&self, want: u16, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if self.readyz().await == want {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
+        until(within, || self.readyz(), |s| *s == want).await == want
     }
 
     pub async fn stop(self) -> anyhow::Result<()> {
@@ -458,14 +496,7 @@ impl OutcomeTap {
 
     /// Waits until `n` outcomes arrived (or the deadline) and returns them all.
     pub async fn wait(&self, n: usize, within: Duration) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + within;
-        loop {
-            let got = self.all().await;
-            if got.len() >= n || Instant::now() > deadline {
-                return got;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        until(within, || self.all(), |got| got.len() >= n).await
     }
 }
 

@@ -10,7 +10,10 @@ use cxone_offboard::config::Settings;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 
-use crate::helpers::{BROKER, Names, Outside, Recorder, connect, spawn_worker, termination};
+use crate::helpers::{
+    BROKER, Names, Outside, Recorder, connect, eventually, rabbitmqctl, spawn_worker, termination,
+    until,
+};
 
 #[tokio::test]
 async fn declaring_the_topology_twice_succeeds() {
@@ -90,17 +93,15 @@ async fn shutdown_finishes_work_inside_the_grace_and_returns_the_rest() {
             .publish(&names.events(), "employee.terminated", &body, None)
             .await;
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while recorder.seen.lock().await.len() < ids.len() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(recorder.seen.lock().await.len(), ids.len(), "all in flight");
+    eventually("every event in flight", Duration::from_secs(10), || async {
+        (recorder.seen.lock().await.len() == ids.len()).then_some(())
+    })
+    .await;
 
     let stop_started = Instant::now();
     worker.shutdown.cancel();
     // Readiness drops as soon as shutdown begins.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(worker.readyz().await, 503);
+    assert!(worker.wait_ready(503, Duration::from_secs(1)).await);
     worker.running.wait().await.expect("clean stop");
     let took = stop_started.elapsed();
     assert!(
@@ -133,20 +134,16 @@ async fn shutdown_finishes_work_inside_the_grace_and_returns_the_rest() {
     names.cleanup().await;
 }
 
-fn rabbitmqctl(args: &[&str]) {
-    let status = Command::new("rabbitmqctl")
-        .args(args)
-        .status()
-        .expect("rabbitmqctl runs");
-    assert!(status.success(), "rabbitmqctl {args:?}");
-}
-
 /// Restarts the broker app, waiting until it accepts connections again.
 async fn restart_broker() {
-    rabbitmqctl(&["-q", "stop_app"]);
+    assert!(rabbitmqctl(&["-q", "stop_app"]), "rabbitmqctl stop_app");
+    // The broker stays down for a second: the outage the test is about.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    rabbitmqctl(&["-q", "start_app"]);
-    rabbitmqctl(&["-q", "await_startup"]);
+    assert!(rabbitmqctl(&["-q", "start_app"]), "rabbitmqctl start_app");
+    assert!(
+        rabbitmqctl(&["-q", "await_startup"]),
+        "rabbitmqctl await_startup"
+    );
 }
 
 #[tokio::test]
@@ -165,13 +162,13 @@ async fn the_worker_survives_broker_restarts_and_loses_nothing() {
     assert!(worker.wait_ready(200, Duration::from_secs(10)).await);
 
     // While idle.
-    rabbitmqctl(&["-q", "stop_app"]);
+    assert!(rabbitmqctl(&["-q", "stop_app"]));
     assert!(
         worker.wait_ready(503, Duration::from_secs(15)).await,
         "readiness false while the broker is down"
     );
-    rabbitmqctl(&["-q", "start_app"]);
-    rabbitmqctl(&["-q", "await_startup"]);
+    assert!(rabbitmqctl(&["-q", "start_app"]));
+    assert!(rabbitmqctl(&["-q", "await_startup"]));
     assert!(
         worker.wait_ready(200, Duration::from_secs(30)).await,
         "readiness back after the broker returns"
@@ -187,22 +184,16 @@ async fn the_worker_survives_broker_restarts_and_loses_nothing() {
             .await;
     }
     drop(outside);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while recorder.finished.lock().await.len() < 5 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    recorder.wait_finished_n(5, Duration::from_secs(10)).await;
     restart_broker().await;
     assert!(worker.wait_ready(200, Duration::from_secs(30)).await);
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let done: BTreeSet<String> = recorder.finished.lock().await.iter().cloned().collect();
-        if done.len() == ids.len() || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let done: BTreeSet<String> = recorder.finished.lock().await.iter().cloned().collect();
+    let done: BTreeSet<String> = until(
+        Duration::from_secs(60),
+        || async { recorder.finished.lock().await.iter().cloned().collect() },
+        |done: &BTreeSet<String>| done.len() == ids.len(),
+    )
+    .await;
     let want: BTreeSet<String> = ids.iter().cloned().collect();
     assert_eq!(done, want, "every event handled after the restart");
     let outside = Outside::new().await;

@@ -12,6 +12,7 @@ mod lifecycle;
 mod ops;
 mod process;
 mod props;
+mod races;
 mod safety;
 mod saga;
 mod sim;

@@ -17,7 +17,7 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
 use serde_json::{Value, json};
 use tokio::process::Command;
 
-use crate::helpers::{BROKER, Names, Outside, connect, termination};
+use crate::helpers::{BROKER, Names, Outside, connect, termination, until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cxone-offboard");
 
@@ -430,11 +430,21 @@ async fn killing_a_replay_halfway_loses_nothing() {
     let mut child = command(&names, &["replay", "--class", "permanent", "--rate", "5"])
         .spawn()
         .expect("spawn");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Killed once a few copies are through.
+    outside
+        .wait_len(&names.requests(), 3, Duration::from_secs(30))
+        .await;
     child.start_kill().expect("kill -9");
     let _ = child.wait().await;
     // The broker returns the dead connection's unacked messages.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    until(
+        Duration::from_secs(15),
+        || async {
+            outside.queue_len(&names.requests()).await + outside.queue_len(&names.dead()).await
+        },
+        |n| *n >= total as u32,
+    )
+    .await;
 
     let moved = drain_employees(&outside, &names.requests()).await;
     let remaining = drain_employees(&outside, &names.dead()).await;

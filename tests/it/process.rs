@@ -9,7 +9,7 @@ use cxone_offboard::sim::{SimOptions, SimServer, spawn};
 use cxone_offboard::store::{S3, Store};
 use serde_json::{Value, json};
 
-use crate::helpers::{BROKER, Names, OutcomeTap, Outside, Stack, termination};
+use crate::helpers::{BROKER, Names, OutcomeTap, Outside, Stack, eventually, termination, until};
 
 pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -64,16 +64,16 @@ impl WorkerProcess {
     }
 
     pub(crate) async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(r) = reqwest::get(format!("{}/readyz", self.http)).await
-                && r.status().as_u16() == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("worker process never became ready");
+        let url = format!("{}/readyz", self.http);
+        eventually(
+            "the worker process to be ready",
+            Duration::from_secs(20),
+            || async {
+                let r = reqwest::get(&url).await.ok()?;
+                (r.status().as_u16() == 200).then_some(())
+            },
+        )
+        .await;
     }
 
     pub(crate) fn kill9(mut self) {
@@ -168,15 +168,12 @@ async fn kill_9_during_a_run_loses_nothing_and_repeats_no_write() {
         worker = WorkerProcess::start(&names, &sim, &[]);
         worker.wait_ready().await;
     }
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let mut done = BTreeSet::new();
-    while Instant::now() < deadline {
-        done = completed_sagas(&tap.all().await);
-        if done.len() == 300 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let done = until(
+        Duration::from_secs(180),
+        || async { completed_sagas(&tap.all().await) },
+        |done| done.len() == 300,
+    )
+    .await;
     assert_eq!(done.len(), 300, "all sagas complete after {kills} kills");
     assert_eq!(
         outside.queue_len(&names.dead()).await,
@@ -234,8 +231,13 @@ async fn sigterm_under_load_drains_within_the_grace_and_loses_nothing() {
             .publish(&names.events(), "employee.terminated", &body, None)
             .await;
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let before = completed_sagas(&tap.all().await).len();
+    // Under load: the first sagas are finishing.
+    let before = crate::helpers::until(
+        Duration::from_secs(30),
+        || async { completed_sagas(&tap.all().await).len() },
+        |n| *n >= 1,
+    )
+    .await;
     assert!(before < 60, "still under load when SIGTERM arrives");
     let stop = Instant::now();
     worker.sigterm();
@@ -252,15 +254,12 @@ async fn sigterm_under_load_drains_within_the_grace_and_loses_nothing() {
     // A new pod picks up whatever was handed back.
     let next = WorkerProcess::start(&names, &sim, &extra);
     next.wait_ready().await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut done = BTreeSet::new();
-    while Instant::now() < deadline {
-        done = completed_sagas(&tap.all().await);
-        if done.len() == 60 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let done = until(
+        Duration::from_secs(120),
+        || async { completed_sagas(&tap.all().await) },
+        |done| done.len() == 60,
+    )
+    .await;
     assert_eq!(done.len(), 60, "every event completes; none lost");
     assert_eq!(outside.queue_len(&names.dead()).await, 0);
     next.kill9();
@@ -303,9 +302,9 @@ async fn kill_9_during_a_large_archive_leaves_one_clean_object() {
     outside
         .publish(&names.events(), "employee.terminated", &body, None)
         .await;
-    // Kill once more than a part's worth of pages has gone by (8 MiB ≈ 22,000 contacts).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    // Kill once more than two parts' worth of pages has gone by (5 MiB ≈ 14,000 contacts, 140
+    // pages of 100).
+    let pages = || async {
         let s: Value = http
             .get(format!("{}/_sim/stats", sim.base_url()))
             .send()
@@ -314,14 +313,15 @@ async fn kill_9_during_a_large_archive_leaves_one_clean_object() {
             .json()
             .await
             .expect("json");
-        let pages = s["by_route"]["GET /inContactAPI/services/{version}/contacts/completed"]["200"]
+        s["by_route"]["GET /inContactAPI/services/{version}/contacts/completed"]["200"]
             .as_u64()
-            .unwrap_or(0);
-        if pages > 300 || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .unwrap_or(0)
+    };
+    let before_kill = until(Duration::from_secs(60), pages, |n| *n > 300).await;
+    assert!(
+        before_kill > 300,
+        "only {before_kill} pages before the kill"
+    );
     worker.kill9();
     let again = WorkerProcess::start(&names, &sim, &[]);
     again.wait_ready().await;
@@ -351,6 +351,13 @@ async fn kill_9_during_a_large_archive_leaves_one_clean_object() {
     assert!(
         crate::helpers::open_uploads(&store, key).await.is_empty(),
         "no leftover multipart upload"
+    );
+    // Issue 17, item 12: the resumed archive continued from its last part instead of starting
+    // over: at most one part's worth of pages (plus the one in flight) is fetched twice.
+    let total = pages().await;
+    assert!(
+        total < 600 + 150,
+        "{total} pages fetched for 600: the archive restarted from zero ({before_kill} before the kill)"
     );
     again.kill9();
     sim.shutdown().await;

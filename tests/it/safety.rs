@@ -280,16 +280,13 @@ async fn an_agent_on_a_call_is_logged_out_only_after_the_call_ends() {
         .terminate("E000004", json!({"reason": "voluntary"}))
         .await;
     // Login is blocked at once; the call goes on.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let u = stack.sim_get("/_sim/users/E000004").await;
-        if u["agent_active"] == false || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let u = stack.sim_get("/_sim/users/E000004").await;
+    // Login blocked and keys revoked while the logout waits for the call.
+    let u = crate::helpers::until(
+        Duration::from_secs(15),
+        || stack.sim_get("/_sim/users/E000004"),
+        |u| u["access_keys"].as_array().is_some_and(Vec::is_empty),
+    )
+    .await;
     assert_eq!(u["agent_active"], false, "login blocked first: {u}");
     assert_eq!(u["logged_in"], true, "not cut off mid-call: {u}");
     assert_eq!(
