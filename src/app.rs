@@ -85,7 +85,7 @@ impl App {
             self.settings.clone(),
             self.handler.clone(),
             self.metrics.clone(),
-            Some(self.cxone.circuit_open()),
+            Some(self.cxone.intake_pause()),
             self.control.clone(),
             shutdown,
         )

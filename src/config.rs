@@ -141,6 +141,8 @@ pub struct CxoneSettings {
     pub max_retry_elapsed_secs: u64,
     pub breaker_failure_threshold: u32,
     pub breaker_open_secs: u64,
+    /// While CXone refuses the access key, it is read again and tried this often.
+    pub credentials_retry_secs: u64,
     pub rate_limit: RateLimitSettings,
 }
 
@@ -214,6 +216,8 @@ impl CxoneSettings {
 pub struct RateLimitSettings {
     pub requests_per_second: f64,
     pub burst: u32,
+    /// The longest pause one 429 may cause, whatever its `Retry-After` says.
+    pub max_retry_after_secs: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -528,6 +532,11 @@ impl Settings {
             ));
         }
         positive("cxone.rate_limit.burst", u64::from(c.rate_limit.burst))?;
+        positive(
+            "cxone.rate_limit.max_retry_after_secs",
+            c.rate_limit.max_retry_after_secs,
+        )?;
+        positive("cxone.credentials_retry_secs", c.credentials_retry_secs)?;
 
         for (name, endpoint) in &self.hris.endpoints {
             let key = format!("hris.endpoints.{name}");

@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 pub struct Readiness {
     connected: AtomicBool,
     draining: AtomicBool,
-    paused: AtomicBool,
+    paused: std::sync::Mutex<Option<String>>,
 }
 
 impl Readiness {
@@ -30,9 +30,10 @@ impl Readiness {
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
     }
-    /// Consumption paused on purpose (e.g. CXone circuit open); the pod stays ready.
-    pub fn set_paused(&self, paused: bool) {
-        self.paused.store(paused, Ordering::SeqCst);
+    /// Consumption paused on purpose (the CXone circuit is open, CXone refuses the key): the
+    /// pod stays ready — another pod would be paused the same way.
+    pub fn set_paused(&self, why: Option<String>) {
+        *self.paused.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
     pub fn is_ready(&self) -> bool {
         self.connected.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst)
@@ -40,15 +41,20 @@ impl Readiness {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> String {
         if self.draining.load(Ordering::SeqCst) {
-            "draining"
+            "draining".to_owned()
         } else if !self.connected.load(Ordering::SeqCst) {
-            "broker disconnected"
-        } else if self.paused.load(Ordering::SeqCst) {
-            "ready (consumption paused: CXone circuit open)"
+            "broker disconnected".to_owned()
+        } else if let Some(why) = self
+            .paused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+        {
+            format!("ready (consumption paused: {why})")
         } else {
-            "ready"
+            "ready".to_owned()
         }
     }
 }

@@ -46,6 +46,8 @@ pub struct Metrics {
     s3_requests: Family<OperationLabel, Counter>,
     outcomes_unroutable: Family<RoutingKeyLabel, Counter>,
     control_headers_ignored: Counter,
+    cxone_credentials_rejected: Gauge,
+    cxone_breaker_open: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -203,8 +205,22 @@ impl Metrics {
             "Messages from outside whose x-offboard-* or x-delivery-count headers were ignored",
             control_headers_ignored.clone(),
         );
+        let cxone_credentials_rejected = Gauge::default();
+        registry.register(
+            "cxone_credentials_rejected",
+            "1 while CXone's token endpoint refuses the access key (intake paused)",
+            cxone_credentials_rejected.clone(),
+        );
+        let cxone_breaker_open = Gauge::default();
+        registry.register(
+            "cxone_breaker_open",
+            "1 while the CXone circuit breaker is open or probing (intake paused)",
+            cxone_breaker_open.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            cxone_credentials_rejected,
+            cxone_breaker_open,
             s3_requests,
             outcomes_unroutable,
             control_headers_ignored,
@@ -327,6 +343,12 @@ impl Metrics {
                 routing_key: routing_key.to_owned(),
             })
             .inc();
+    }
+    pub fn cxone_credentials_rejected(&self, rejected: bool) {
+        self.cxone_credentials_rejected.set(i64::from(rejected));
+    }
+    pub fn cxone_breaker_open(&self, open: bool) {
+        self.cxone_breaker_open.set(i64::from(open));
     }
     pub fn control_headers_ignored(&self) {
         self.control_headers_ignored.inc();

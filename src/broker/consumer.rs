@@ -91,8 +91,14 @@ pub struct Context {
     pub abort: CancellationToken,
     /// Cancelled when shutdown begins: finish the current step, then park.
     pub draining: CancellationToken,
+    /// Cancelled by a handler whose publish found the publisher channel dead: the session
+    /// reconnects at once (its unacked messages return with one more delivery each) instead of
+    /// requeueing them in a loop to the delivery limit.
+    pub broken: CancellationToken,
     /// The queue the message came from.
     pub stage: Stage,
+    /// Declares delay queues on first use.
+    pub delays: super::topology::DelayQueues,
     /// This connection's session id (its marker queue lives as long as the connection).
     pub session: String,
     /// Signs the control headers of the worker's own republications.
@@ -104,8 +110,9 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, message: Message, ctx: Context) -> impl Future<Output = Settle> + Send;
 }
 
-/// Pauses consumption while the value is `true` (e.g. the CXone circuit is open).
-pub type PauseSignal = watch::Receiver<bool>;
+/// Pauses consumption while the value is `Some(why)` (the CXone circuit is open, CXone refuses
+/// the access key).
+pub type PauseSignal = watch::Receiver<Option<String>>;
 
 /// How a consuming session ended.
 enum SessionEnd {
@@ -169,20 +176,19 @@ impl<H: Handler> Consumer<H> {
             if shutdown.is_cancelled() {
                 break;
             }
-            if let Some(p) = pause.as_mut()
-                && *p.borrow()
-            {
-                info!("consumption paused; waiting to resume");
+            let why = pause.as_ref().and_then(|p| p.borrow().clone());
+            if let (Some(p), Some(why)) = (pause.as_mut(), why) {
+                info!(%why, "consumption paused; waiting to resume");
+                self.readiness.set_paused(Some(why));
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = p.wait_for(|paused| !paused) => {}
+                    _ = p.wait_for(Option::is_none) => {}
                 }
                 info!("consumption resumes");
             }
             match self.session(&shutdown, sessions).await {
                 Ok(SessionEnd::Shutdown) => break,
                 Ok(SessionEnd::Paused) => {
-                    self.readiness.set_paused(true);
                     sessions += 1;
                     continue;
                 }
@@ -229,21 +235,22 @@ impl<H: Handler> Consumer<H> {
         let connection = super::connect(amqp, "worker").await?;
         // Declarations get their own channel: a refused one closes it.
         let setup = connection.create_channel().await?;
+        let delays = topology::Delays::of(&self.settings);
         topology::declare(
             &setup,
             amqp,
-            &self.settings.worker.all_delays(&self.settings.safety),
+            &topology::Delays {
+                access: Vec::new(),
+                housekeeping: Vec::new(),
+            },
         )
         .await?;
         let session = format!("{}-{previous_sessions}", self.instance);
         super::sessions::declare(&setup, amqp, &session).await?;
+        let delay_queues =
+            topology::DelayQueues::new(connection.create_channel().await?, amqp.clone());
         let _ = setup.close(200, "declared".into()).await;
-        topology::migrate_classic_delays(
-            &connection,
-            amqp,
-            &self.settings.worker.all_delays(&self.settings.safety),
-        )
-        .await;
+        topology::migrate_classic_delays(&connection, amqp, &delays.access).await;
 
         let publisher = Publisher::open(&connection).await?;
         let tag = format!(
@@ -278,7 +285,7 @@ impl<H: Handler> Consumer<H> {
         }
         let abort = CancellationToken::new();
         self.readiness.set_connected(true);
-        self.readiness.set_paused(false);
+        self.readiness.set_paused(None);
         self.metrics.broker_up(true);
         if previous_sessions > 0 {
             self.metrics.broker_reconnected();
@@ -296,7 +303,7 @@ impl<H: Handler> Consumer<H> {
         let paused = async {
             match pause.as_mut() {
                 Some(p) => {
-                    let _ = p.wait_for(|paused| *paused).await;
+                    let _ = p.wait_for(Option::is_some).await;
                 }
                 None => std::future::pending::<()>().await,
             }
@@ -311,6 +318,7 @@ impl<H: Handler> Consumer<H> {
             )),
         ];
         let draining = CancellationToken::new();
+        let broken = CancellationToken::new();
         let mut health = tokio::time::interval(Duration::from_secs(1));
         let (access_stream, hk_stream) = {
             let mut it = streams.iter_mut();
@@ -327,6 +335,7 @@ impl<H: Handler> Consumer<H> {
                 biased;
                 _ = shutdown.cancelled() => break SessionEnd::Shutdown,
                 _ = &mut paused => break SessionEnd::Paused,
+                _ = broken.cancelled() => break SessionEnd::Lost("the publisher channel closed".into()),
                 _ = health.tick() => {
                     if !publisher.is_usable() {
                         break SessionEnd::Lost("the publisher channel closed".into());
@@ -362,7 +371,9 @@ impl<H: Handler> Consumer<H> {
                             publisher: publisher.clone(),
                             abort: abort.clone(),
                             draining: draining.clone(),
+                            broken: broken.clone(),
                             stage,
+                            delays: delay_queues.clone(),
                             session: session.clone(),
                             control: self.control.clone(),
                         },
@@ -644,6 +655,13 @@ impl<H: Handler> Task<H> {
     }
 
     async fn requeue(&self, delivery: &Delivery) {
+        if !self.ctx.publisher.is_usable() {
+            // Requeueing now would only loop the message to its delivery limit: reconnect, and
+            // let the closing connection return it.
+            warn!("the publisher channel is closed; reconnecting before this message is retried");
+            self.ctx.broken.cancel();
+            return;
+        }
         self.metrics.message_requeued();
         let options = BasicNackOptions {
             requeue: true,

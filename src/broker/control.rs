@@ -111,7 +111,7 @@ impl ControlKey {
                 let name = k.as_str();
                 let drop = (name.starts_with(PREFIX) && !trusted)
                     || (name == headers::DELIVERY_COUNT && !redelivered);
-                if drop && name != SIGNATURE {
+                if drop {
                     removed.push(name.to_owned());
                 }
                 !drop
@@ -170,7 +170,11 @@ mod tests {
         let (p, removed) = key.sanitize(&props(forged), body, false);
         assert_eq!(
             removed,
-            vec!["x-offboard-guard-released", "x-offboard-park-count"]
+            vec![
+                "x-offboard-guard-released",
+                "x-offboard-park-count",
+                "x-offboard-signature"
+            ]
         );
         assert_eq!(
             headers::get_str(p.headers().as_ref(), "x-custom").as_deref(),

@@ -10,7 +10,7 @@ use super::dead_letter::DeadLetter;
 use super::headers::{self, GUARD_RELEASED, HELD_AT, LEASE_WAITS, PARK_COUNT, PARK_REASON};
 use super::outcomes::AmqpOutcomes;
 use super::publisher::PublishError;
-use super::topology::{delay_queue_name, stage_queue};
+use super::topology::stage_queue;
 use crate::cxone::Cxone;
 use crate::saga::{Deps, Holder, Stage, Verdict, runner};
 use crate::store::Store;
@@ -75,6 +75,15 @@ impl<C: Cxone, S: Store> SagaHandler<C, S> {
     async fn settle(&self, verdict: Verdict, msg: &Message, ctx: &Context, parks: u32) -> Settle {
         let settings = &self.deps.settings;
         let amqp = &settings.amqp;
+        let delay = |stage, secs| async move {
+            match ctx.delays.ensure(stage, secs).await {
+                Ok(q) => Some(q),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not declare a delay queue");
+                    None
+                }
+            }
+        };
         let (queue, change, what) = match verdict {
             Verdict::Settled => return Settle::Ack,
             Verdict::DeadLetter(failed) => {
@@ -86,13 +95,17 @@ impl<C: Cxone, S: Store> SagaHandler<C, S> {
                 });
             }
             Verdict::Park { reason } => {
+                self.deps.metrics.saga_parked();
                 let delays = &settings.worker.retry_delays_secs;
                 let idx = (parks as usize).min(delays.len().saturating_sub(1));
                 let Some(secs) = delays.get(idx) else {
                     return Settle::Requeue;
                 };
+                let Some(q) = delay(ctx.stage, *secs).await else {
+                    return Settle::Requeue;
+                };
                 (
-                    delay_queue_name(amqp, ctx.stage, *secs),
+                    q,
                     vec![(PARK_REASON, headers::truncate_bytes(&reason, 512))],
                     Some(PARK_COUNT),
                 )
@@ -104,17 +117,22 @@ impl<C: Cxone, S: Store> SagaHandler<C, S> {
                     .first()
                     .copied()
                     .unwrap_or(30);
+                let Some(q) = delay(ctx.stage, secs).await else {
+                    return Settle::Requeue;
+                };
+                (q, vec![], Some(LEASE_WAITS))
+            }
+            // Schedules and live calls are waited for in access removal only.
+            Verdict::Defer { secs, reason } => {
+                let Some(q) = delay(Stage::Access, secs).await else {
+                    return Settle::Requeue;
+                };
                 (
-                    delay_queue_name(amqp, ctx.stage, secs),
-                    vec![],
-                    Some(LEASE_WAITS),
+                    q,
+                    vec![(PARK_REASON, headers::truncate_bytes(&reason, 256))],
+                    None,
                 )
             }
-            Verdict::Defer { secs, reason } => (
-                delay_queue_name(amqp, ctx.stage, secs),
-                vec![(PARK_REASON, headers::truncate_bytes(&reason, 256))],
-                None,
-            ),
             Verdict::Hold => (
                 amqp.held_queue.clone(),
                 vec![(HELD_AT, chrono::Utc::now().to_rfc3339())],

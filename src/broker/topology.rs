@@ -38,6 +38,39 @@ pub fn delay_queue_name(settings: &AmqpSettings, stage: Stage, secs: u64) -> Str
     )
 }
 
+/// The delay queues each stage needs (seconds): access removal waits for retries, schedules
+/// and live calls; housekeeping only for retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delays {
+    pub access: Vec<u64>,
+    pub housekeeping: Vec<u64>,
+}
+
+impl Delays {
+    pub fn of(settings: &crate::config::Settings) -> Self {
+        let mut housekeeping = settings.worker.retry_delays_secs.clone();
+        housekeeping.sort_unstable();
+        housekeeping.dedup();
+        Self {
+            access: settings.worker.all_delays(&settings.safety),
+            housekeeping,
+        }
+    }
+
+    /// Every delay queue name of these delays.
+    pub fn queue_names(&self, s: &AmqpSettings) -> Vec<String> {
+        let access = self
+            .access
+            .iter()
+            .map(|secs| delay_queue_name(s, Stage::Access, *secs));
+        let housekeeping = self
+            .housekeeping
+            .iter()
+            .map(|secs| delay_queue_name(s, Stage::Housekeeping, *secs));
+        access.chain(housekeeping).collect()
+    }
+}
+
 /// The queue of a stage.
 pub fn stage_queue(settings: &AmqpSettings, stage: Stage) -> &str {
     match stage {
@@ -165,11 +198,59 @@ async fn bind(
 ///
 /// A refused declaration closes the channel, so callers use a dedicated channel and open a new
 /// one afterwards.
-pub async fn declare(
-    channel: &Channel,
-    s: &AmqpSettings,
-    delays_secs: &[u64],
-) -> anyhow::Result<()> {
+/// The delay queues, declared on first use (a deployment creates only the delays it needs:
+/// each is a quorum queue, and a broker carries every one of them at a cost).
+#[derive(Clone)]
+pub struct DelayQueues {
+    channel: Channel,
+    settings: AmqpSettings,
+    declared: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl std::fmt::Debug for DelayQueues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DelayQueues").finish_non_exhaustive()
+    }
+}
+
+impl DelayQueues {
+    /// Declares on `channel` (one of its own: a refused declaration closes it).
+    pub fn new(channel: Channel, settings: AmqpSettings) -> Self {
+        Self {
+            channel,
+            settings,
+            declared: std::sync::Arc::default(),
+        }
+    }
+
+    /// The delay queue of `stage` for `secs`, declared if this session has not yet.
+    pub async fn ensure(&self, stage: Stage, secs: u64) -> anyhow::Result<String> {
+        let name = delay_queue_name(&self.settings, stage, secs);
+        let known = self
+            .declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&name);
+        if !known {
+            queue(
+                &self.channel,
+                &name,
+                "amqp.delay_queue_prefix",
+                delay_args(stage_queue(&self.settings, stage), secs),
+            )
+            .await?;
+            self.declared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.clone());
+        }
+        Ok(name)
+    }
+}
+
+/// Declares the exchanges, the queues and bindings that always exist, and the delay queues
+/// in `delays` (the worker passes none: it declares each on first use, see [`DelayQueues`]).
+pub async fn declare(channel: &Channel, s: &AmqpSettings, delays: &Delays) -> anyhow::Result<()> {
     exchange(channel, &s.events_exchange, "amqp.events_exchange").await?;
     exchange(
         channel,
@@ -214,8 +295,11 @@ pub async fn declare(
         quorum_args(Some(&s.dead_letter_exchange), Some(s.delivery_limit)),
     )
     .await?;
-    for stage in [Stage::Access, Stage::Housekeeping] {
-        for secs in delays_secs {
+    for (stage, secs) in [
+        (Stage::Access, &delays.access),
+        (Stage::Housekeeping, &delays.housekeeping),
+    ] {
+        for secs in secs {
             let name = delay_queue_name(s, stage, *secs);
             queue(
                 channel,

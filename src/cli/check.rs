@@ -32,11 +32,20 @@ pub async fn run(cli: &Cli) -> Result<ExitCode, Failure> {
             return Ok(ExitCode::from(super::EXIT_USAGE));
         }
     };
-    crate::telemetry::init(&settings.log);
+    // One line per check on stdout; library logs (lapin reports a refused connection as a log
+    // line of its own) only when asked for with RUST_LOG.
+    let mut log = settings.log.clone();
+    log.filter = "off".to_owned();
+    crate::telemetry::init(&log);
     let mut report = Report { failed: false };
     report.line("config", Ok(settings.summary()));
     report.line("broker", check_broker(&settings).await);
-    report.line("s3", check_s3(&settings).await);
+    let bucket = check_s3(&settings).await;
+    let reachable = bucket.is_ok();
+    report.line("s3", bucket);
+    if reachable {
+        check_store(&settings, &mut report).await;
+    }
     report.line("cxone", check_cxone(&settings).await);
     Ok(if report.failed {
         ExitCode::from(super::EXIT_FAILURE)
@@ -92,6 +101,47 @@ async fn check_s3(settings: &Settings) -> Result<String, String> {
         .await
         .map(|()| format!("bucket {}{at}", settings.s3.bucket))
         .map_err(|e| format!("{e:#}{at}"))
+}
+
+/// What the worker relies on from the store: conditional writes (fencing, the guard and
+/// write-once manifests), multipart uploads (archives), Object Lock when configured.
+async fn check_store(settings: &Settings, report: &mut Report) {
+    let store = crate::store::S3::new(&settings.s3).await;
+    let caps = crate::store::probe_capabilities(&store).await;
+    let missing: Vec<String> = [&caps.create_only, &caps.compare_and_swap]
+        .into_iter()
+        .filter_map(|r| r.clone().err())
+        .collect();
+    report.line(
+        "s3 cas",
+        if missing.is_empty() {
+            Ok("conditional writes honoured (`If-None-Match: *` and `If-Match`)".to_owned())
+        } else {
+            Err(format!(
+                "{} — the worker will not start on this store (fencing, the guard and \
+                 write-once manifests depend on conditional writes)",
+                missing.join("; ")
+            ))
+        },
+    );
+    report.line(
+        "s3 multi",
+        caps.multipart
+            .map(|()| "multipart upload, complete and abort work".to_owned()),
+    );
+    if settings.s3.object_lock_mode.is_some() {
+        report.line(
+            "s3 lock",
+            match store.object_lock_enabled().await {
+                Ok(true) => Ok("Object Lock enabled on the bucket".to_owned()),
+                Ok(false) => Err(format!(
+                    "s3.object_lock_mode is set but bucket `{}` has no Object Lock",
+                    settings.s3.bucket
+                )),
+                Err(e) => Err(format!("Object Lock cannot be read: {e}")),
+            },
+        );
+    }
 }
 
 async fn check_cxone(settings: &Settings) -> Result<String, String> {

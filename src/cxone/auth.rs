@@ -63,7 +63,7 @@ struct CxoneConfiguration {
 pub struct Auth {
     http: reqwest::Client,
     settings: CxoneSettings,
-    credentials: CxoneCredentials,
+    credentials: Mutex<CxoneCredentials>,
     client_secret: Option<SecretString>,
     endpoints: tokio::sync::OnceCell<Endpoints>,
     cached: Mutex<Option<Token>>,
@@ -77,7 +77,7 @@ impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Auth")
             .field("issuer", &self.settings.issuer)
-            .field("credentials", &self.credentials)
+            .field("access_key_id", &self.access_key_id())
             .finish_non_exhaustive()
     }
 }
@@ -101,7 +101,7 @@ impl Auth {
         Self {
             http,
             settings,
-            credentials,
+            credentials: Mutex::new(credentials),
             client_secret,
             endpoints: tokio::sync::OnceCell::new(),
             cached: Mutex::new(None),
@@ -109,6 +109,23 @@ impl Auth {
             generation: std::sync::atomic::AtomicU64::new(0),
             token_requests: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    fn access_key_id(&self) -> String {
+        self.credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .access_key_id
+            .clone()
+    }
+
+    /// Reads the credentials again (a Kubernetes secret mounted as a file changes in place when
+    /// the key is rotated) and forgets the token, so the next call tries them.
+    pub fn reload_credentials(&self) -> Result<(), crate::config::ConfigError> {
+        let fresh = self.settings.credentials()?;
+        *self.credentials.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
     }
 
     fn cached(&self) -> Option<Token> {
@@ -240,8 +257,13 @@ impl Auth {
     async fn fetch_token(&self, url: &Url) -> Result<(Token, Option<String>), CxoneError> {
         self.token_requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = &self.credentials.access_key_id;
-        let secret = self.credentials.access_key_secret.expose_secret();
+        let credentials = self
+            .credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let id = &credentials.access_key_id;
+        let secret = credentials.access_key_secret.expose_secret();
         let request = match self.settings.auth_flow {
             AuthFlow::AccessKey => self.http.post(url.clone()).json(&serde_json::json!({
                 "accessKeyId": id,
@@ -279,19 +301,38 @@ impl Auth {
                 )
             })?;
         let status = resp.status().as_u16();
+        if resp.status().is_redirection() {
+            // Never followed: a redirect would re-send the access key secret somewhere else.
+            return Err(CxoneError::new(
+                ErrorKind::Permanent,
+                "POST",
+                TOKEN_ROUTE,
+                Some(status),
+                "the token endpoint answered with a redirect, which is not followed (the \
+                 access key is only ever sent to the configured host); check \
+                 cxone.auth_base_url and cxone.issuer",
+            ));
+        }
         if !resp.status().is_success() {
             // The body of a failed token request is never echoed: it may repeat credentials.
-            let kind = if status == 401 || status == 403 {
-                ErrorKind::Permanent
+            let (kind, message) = if status == 401 || status == 403 {
+                (
+                    ErrorKind::Permanent,
+                    "CXone refused the access key: check cxone.access_key_id and \
+                     cxone.access_key_secret",
+                )
             } else {
-                super::error::classify_status(status)
+                (
+                    super::error::classify_status(status),
+                    "the token endpoint failed",
+                )
             };
             return Err(CxoneError::new(
                 kind,
                 "POST",
                 TOKEN_ROUTE,
                 Some(status),
-                "token request refused (check cxone.access_key_id / access_key_secret)",
+                message,
             ));
         }
         let body: TokenResponse = resp.json().await.map_err(|_| {

@@ -86,6 +86,36 @@ struct Inner {
     version: String,
     metrics: Metrics,
     requests: AtomicU64,
+    /// `Some(why)` while intake should pause: the circuit is open, or CXone refuses the key.
+    pause: tokio::sync::watch::Sender<Option<String>>,
+    /// CXone's token endpoint refused the access key (401/403).
+    rejected: std::sync::atomic::AtomicBool,
+    /// How often a refused key is read again and tried.
+    credentials_retry: Duration,
+}
+
+/// What the consumer is told while intake should pause.
+fn pause_reason(inner: &Inner) -> Option<String> {
+    if inner.rejected.load(Ordering::SeqCst) {
+        Some("CXone refused the access key".to_owned())
+    } else if !inner.breaker.is_closed() {
+        Some("CXone circuit open".to_owned())
+    } else {
+        None
+    }
+}
+
+fn update_pause(inner: &Inner) {
+    let reason = pause_reason(inner);
+    inner.metrics.cxone_breaker_open(!inner.breaker.is_closed());
+    inner.pause.send_if_modified(|current| {
+        if *current == reason {
+            false
+        } else {
+            *current = reason;
+            true
+        }
+    });
 }
 
 /// Cheap to clone: all clones share one token, one limiter and one breaker.
@@ -124,6 +154,9 @@ impl Client {
         let credentials = settings.credentials()?;
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
+            // Never follow a redirect: the token request carries the access key secret, and
+            // every call carries the bearer token; both go only where configuration says.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(settings.request_timeout())
             .connect_timeout(settings.connect_timeout())
             .pool_idle_timeout(Duration::from_secs(60))
@@ -139,10 +172,12 @@ impl Client {
             }
         }
         let http = builder.build().context("building the HTTP client")?;
-        let limiter = Limiter::new(AimdConfig::new(
+        let mut aimd = AimdConfig::new(
             settings.rate_limit.requests_per_second,
             settings.rate_limit.burst,
-        ));
+        );
+        aimd.max_retry_after = Duration::from_secs(settings.rate_limit.max_retry_after_secs);
+        let limiter = Limiter::new(aimd);
         metrics.cxone_rate(limiter.current_rate());
         let breaker = Breaker::new(BreakerConfig {
             failure_threshold: settings.breaker_failure_threshold,
@@ -162,14 +197,46 @@ impl Client {
             version: settings.admin_api_version.clone(),
             metrics,
             requests: AtomicU64::new(0),
+            pause: tokio::sync::watch::channel(None).0,
+            rejected: std::sync::atomic::AtomicBool::new(false),
+            credentials_retry: Duration::from_secs(settings.credentials_retry_secs),
         });
+        inner.metrics.cxone_credentials_rejected(false);
+        inner.metrics.cxone_breaker_open(false);
         tokio::spawn(probe_loop(Arc::downgrade(&inner)));
+        tokio::spawn(pause_loop(Arc::downgrade(&inner)));
         Ok(Self { inner, log: None })
     }
 
-    /// `true` while the circuit is open: the consumer pauses intake on it.
+    /// `true` while the circuit is open.
     pub fn circuit_open(&self) -> tokio::sync::watch::Receiver<bool> {
         self.inner.breaker.subscribe()
+    }
+
+    /// `Some(why)` while the consumer should take no new deliveries: the circuit is open, or
+    /// CXone refuses the access key.
+    pub fn intake_pause(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.inner.pause.subscribe()
+    }
+
+    /// CXone's token endpoint refused the key: pause intake (readiness stays), say what to fix
+    /// once, and try the key again (read afresh) until it works. No saga fails for it.
+    fn credentials_rejected(&self, e: &CxoneError) {
+        let inner = &self.inner;
+        if inner.rejected.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::error!(
+            status = e.status,
+            retry_secs = inner.credentials_retry.as_secs(),
+            "CXone refused the access key at its token endpoint: intake is paused and no saga \
+             is failed for it. Fix cxone.access_key_id / cxone.access_key_secret (or the file \
+             cxone.access_key_secret_file names); the key is read again and tried every \
+             retry_secs, and intake resumes by itself"
+        );
+        inner.metrics.cxone_credentials_rejected(true);
+        update_pause(inner);
+        tokio::spawn(credentials_loop(Arc::downgrade(inner)));
     }
 
     pub fn limiter(&self) -> &Limiter {
@@ -193,8 +260,38 @@ impl Client {
         Ok(endpoints)
     }
 
+    /// The endpoints, with a failure to authenticate classified (see [`Client::auth_failed`]).
+    async fn endpoints(&self) -> Result<&Endpoints, CxoneError> {
+        match self.inner.auth.endpoints().await {
+            Ok(e) => Ok(e),
+            Err(e) => Err(self.auth_failed(e)),
+        }
+    }
+
+    /// Getting a token (or discovering the API host with one) failed. A refused key pauses
+    /// intake; an outage counts for the breaker like any other failure, so an auth outage
+    /// opens the circuit instead of burning every saga's retries. The saga sees a transient
+    /// error either way: it parks and is not failed for it.
+    fn auth_failed(&self, e: CxoneError) -> CxoneError {
+        if matches!(e.status, Some(401 | 403)) {
+            self.credentials_rejected(&e);
+            return CxoneError::new(
+                ErrorKind::Transient,
+                e.method,
+                e.route,
+                e.status,
+                "CXone refuses the access key; intake is paused until it is fixed",
+            );
+        }
+        if e.is_transient() {
+            self.inner.breaker.on_failure(Instant::now());
+            update_pause(&self.inner);
+        }
+        e
+    }
+
     async fn api_url(&self, segments: &[&str]) -> Result<Url, CxoneError> {
-        let base = &self.inner.auth.endpoints().await?.api_base;
+        let base = &self.endpoints().await?.api_base;
         Ok(extend(base, segments))
     }
 
@@ -205,7 +302,7 @@ impl Client {
     }
 
     async fn scim_url(&self, segments: &[&str]) -> Result<Url, CxoneError> {
-        let base = &self.inner.auth.endpoints().await?.scim_base;
+        let base = &self.endpoints().await?.scim_base;
         Ok(extend(base, segments))
     }
 
@@ -234,7 +331,7 @@ impl Client {
         let started = Instant::now();
         let mut attempts = 0u32;
         let mut refreshed = false;
-        loop {
+        'call: loop {
             if !inner.breaker.allow(Instant::now()) {
                 return Err(err(
                     ErrorKind::Transient,
@@ -243,112 +340,138 @@ impl Client {
                 ));
             }
             inner.limiter.acquire(req.priority).await;
-            let token = inner.auth.token().await?;
-            let mut rb = inner
-                .http
-                .request(req.method.clone(), req.url.clone())
-                .bearer_auth(token.value.expose_secret())
-                .header("Accept", "application/json");
-            match &req.body {
-                Some(Body::Json(v)) => rb = rb.json(v),
-                Some(Body::Scim(v)) => {
-                    rb = rb
-                        .header("Content-Type", "application/scim+json")
-                        .body(v.to_string());
+            let failure: CxoneError = 'attempt: {
+                let token = match inner.auth.token().await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let refused = matches!(e.status, Some(401 | 403));
+                        let e = self.auth_failed(e);
+                        if e.is_transient() && !refused {
+                            // An outage: retried in place like any transient failure.
+                            break 'attempt e;
+                        }
+                        return Err(e);
+                    }
+                };
+                let mut rb = inner
+                    .http
+                    .request(req.method.clone(), req.url.clone())
+                    .bearer_auth(token.value.expose_secret())
+                    .header("Accept", "application/json");
+                match &req.body {
+                    Some(Body::Json(v)) => rb = rb.json(v),
+                    Some(Body::Scim(v)) => {
+                        rb = rb
+                            .header("Content-Type", "application/scim+json")
+                            .body(v.to_string());
+                    }
+                    None => {}
                 }
-                None => {}
-            }
-            let failure: CxoneError = match rb.send().await {
-                Err(e) => {
-                    self.record(&req.method, req.route, 0);
-                    inner.breaker.on_failure(Instant::now());
-                    err(ErrorKind::Transient, None, describe_reqwest(&e))
-                }
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    self.record(&req.method, req.route, status);
-                    let retry_after = resp
-                        .headers()
-                        .get("retry-after")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| parse_retry_after(v, SystemTime::now()));
-                    if (200..300).contains(&status) || status == 404 || req.pass.contains(&status) {
-                        match resp.bytes().await {
-                            // A garbled answer to a read is transport damage: retry it here.
-                            Ok(body)
-                                if (req.method == Method::GET
-                                    || req.route == routes::USER_SEARCH)
-                                    && (200..300).contains(&status)
-                                    && !body.is_empty()
-                                    && serde_json::from_slice::<serde::de::IgnoredAny>(&body)
-                                        .is_err() =>
-                            {
-                                inner.limiter.on_success();
-                                err(
-                                    ErrorKind::Transient,
-                                    Some(status),
-                                    "malformed JSON in the answer".to_owned(),
-                                )
-                            }
-                            Ok(body) => {
-                                inner.limiter.on_success();
-                                inner.breaker.on_success();
-                                inner.metrics.cxone_rate(inner.limiter.current_rate());
-                                return Ok(Answer { status, body });
-                            }
-                            Err(e) => {
-                                inner.breaker.on_failure(Instant::now());
-                                err(ErrorKind::Transient, Some(status), describe_reqwest(&e))
-                            }
-                        }
-                    } else if status == 401 {
-                        if refreshed {
-                            return Err(err(
-                                ErrorKind::Permanent,
-                                Some(401),
-                                "unauthorized even with a fresh token".to_owned(),
-                            ));
-                        }
-                        inner.auth.invalidate(token.generation);
-                        refreshed = true;
-                        continue;
-                    } else if status == 429 {
-                        inner.limiter.on_throttle(retry_after);
-                        inner.metrics.cxone_throttled();
-                        inner.metrics.cxone_rate(inner.limiter.current_rate());
-                        let mut e = err(
-                            ErrorKind::Transient,
-                            Some(429),
-                            "throttled by CXone".to_owned(),
-                        );
-                        e.retry_after = retry_after;
-                        // A 429 says "slow down", not "broken": bounded by time, not attempts.
-                        if started.elapsed() >= inner.retry.max_elapsed {
-                            return Err(e);
-                        }
-                        continue;
-                    } else {
-                        let body = resp.bytes().await.unwrap_or_default();
-                        let kind = classify_status(status);
-                        let mut e = err(kind, Some(status), {
-                            let text = excerpt(&body);
-                            if text.is_empty() {
-                                "request failed".to_owned()
-                            } else {
-                                text
-                            }
-                        });
-                        e.retry_after = retry_after;
-                        if kind == ErrorKind::Permanent {
-                            // CXone answered: it is up.
-                            inner.breaker.on_success();
-                            return Err(e);
-                        }
+                match rb.send().await {
+                    Err(e) => {
+                        self.record(&req.method, req.route, 0);
                         inner.breaker.on_failure(Instant::now());
-                        e
+                        err(ErrorKind::Transient, None, describe_reqwest(&e))
+                    }
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        self.record(&req.method, req.route, status);
+                        let retry_after = resp
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                        if (200..300).contains(&status)
+                            || status == 404
+                            || req.pass.contains(&status)
+                        {
+                            match resp.bytes().await {
+                                // A garbled answer to a read is transport damage: retry it here.
+                                Ok(body)
+                                    if (req.method == Method::GET
+                                        || req.route == routes::USER_SEARCH)
+                                        && (200..300).contains(&status)
+                                        && !body.is_empty()
+                                        && serde_json::from_slice::<serde::de::IgnoredAny>(
+                                            &body,
+                                        )
+                                        .is_err() =>
+                                {
+                                    inner.limiter.on_success();
+                                    err(
+                                        ErrorKind::Transient,
+                                        Some(status),
+                                        "malformed JSON in the answer".to_owned(),
+                                    )
+                                }
+                                Ok(body) => {
+                                    inner.limiter.on_success();
+                                    inner.breaker.on_success();
+                                    inner.metrics.cxone_rate(inner.limiter.current_rate());
+                                    return Ok(Answer { status, body });
+                                }
+                                Err(e) => {
+                                    inner.breaker.on_failure(Instant::now());
+                                    err(ErrorKind::Transient, Some(status), describe_reqwest(&e))
+                                }
+                            }
+                        } else if status == 401 {
+                            if refreshed {
+                                return Err(err(
+                                    ErrorKind::Permanent,
+                                    Some(401),
+                                    "unauthorized even with a fresh token".to_owned(),
+                                ));
+                            }
+                            inner.auth.invalidate(token.generation);
+                            refreshed = true;
+                            continue 'call;
+                        } else if status == 429 {
+                            inner.limiter.on_throttle(retry_after);
+                            inner.metrics.cxone_throttled();
+                            inner.metrics.cxone_rate(inner.limiter.current_rate());
+                            let mut e = err(
+                                ErrorKind::Transient,
+                                Some(429),
+                                "throttled by CXone".to_owned(),
+                            );
+                            e.retry_after = retry_after;
+                            // A 429 says "slow down", not "broken": bounded by time, not attempts.
+                            // A pause that would outlast the step's budget ends the call now (the
+                            // saga parks) instead of waiting it out.
+                            let paused = inner
+                                .limiter
+                                .paused_until()
+                                .map(|u| u.saturating_duration_since(Instant::now()))
+                                .unwrap_or_default();
+                            if started.elapsed() + paused >= inner.retry.max_elapsed {
+                                return Err(e);
+                            }
+                            continue 'call;
+                        } else {
+                            let body = resp.bytes().await.unwrap_or_default();
+                            let kind = classify_status(status);
+                            let mut e = err(kind, Some(status), {
+                                let text = excerpt(&body);
+                                if text.is_empty() {
+                                    "request failed".to_owned()
+                                } else {
+                                    text
+                                }
+                            });
+                            e.retry_after = retry_after;
+                            if kind == ErrorKind::Permanent {
+                                // CXone answered: it is up.
+                                inner.breaker.on_success();
+                                return Err(e);
+                            }
+                            inner.breaker.on_failure(Instant::now());
+                            e
+                        }
                     }
                 }
             };
+            update_pause(inner);
             attempts += 1;
             if attempts >= inner.retry.max_attempts {
                 return Err(failure);
@@ -442,6 +565,47 @@ fn check_same_origin(base: &Url, next: &Url, route: &'static str) -> Result<(), 
             None,
             "paging link points outside the CXone API host".to_owned(),
         ))
+    }
+}
+
+/// Follows the breaker into the intake pause.
+async fn pause_loop(inner: Weak<Inner>) {
+    let mut rx = match inner.upgrade() {
+        Some(i) => i.breaker.subscribe(),
+        None => return,
+    };
+    while rx.changed().await.is_ok() {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        update_pause(&strong);
+    }
+}
+
+/// While CXone refuses the key: read it again and try it, until it is accepted.
+async fn credentials_loop(inner: Weak<Inner>) {
+    loop {
+        let Some(wait) = inner.upgrade().map(|i| i.credentials_retry) else {
+            return;
+        };
+        tokio::time::sleep(wait).await;
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        if let Err(e) = strong.auth.reload_credentials() {
+            tracing::warn!(error = %e, "reading the CXone credentials again failed");
+            continue;
+        }
+        match strong.auth.token().await {
+            Ok(_) => {
+                strong.rejected.store(false, Ordering::SeqCst);
+                strong.metrics.cxone_credentials_rejected(false);
+                update_pause(&strong);
+                tracing::info!("CXone accepted the access key; intake resumes");
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "CXone still refuses the access key"),
+        }
     }
 }
 

@@ -54,6 +54,8 @@ pub struct AimdConfig {
     pub probe_ramp: Duration,
     /// Pause when a 429 carries no `Retry-After`.
     pub default_retry_after: Duration,
+    /// The longest pause one 429 may cause, whatever `Retry-After` says.
+    pub max_retry_after: Duration,
     /// Up to this much is added at random to every pause, so replicas throttled together do
     /// not all resume in the same millisecond.
     pub max_jitter: Duration,
@@ -71,6 +73,7 @@ impl AimdConfig {
             probe: ceiling * 0.00125,
             probe_ramp: Duration::from_millis(3500),
             default_retry_after: Duration::from_secs(1),
+            max_retry_after: Duration::from_secs(60),
             max_jitter: Duration::from_millis(200),
         }
     }
@@ -231,7 +234,10 @@ impl Aimd {
     /// to the share just achieved, once per throttling episode, and hold there after the
     /// pause before probing again.
     pub fn on_throttle(&mut self, now: Instant, retry_after: Option<Duration>, jitter: f64) {
-        let wait = retry_after.unwrap_or(self.cfg.default_retry_after);
+        // A server may ask for an hour; one 429 pauses this process at most this long.
+        let wait = retry_after
+            .unwrap_or(self.cfg.default_retry_after)
+            .min(self.cfg.max_retry_after);
         let jitter = self
             .cfg
             .max_jitter
@@ -345,6 +351,11 @@ impl Limiter {
 
     pub fn on_success(&self) {
         lock(&self.inner.aimd).on_success(Instant::now());
+    }
+
+    /// When the pause after the last 429 ends, if one is on.
+    pub fn paused_until(&self) -> Option<Instant> {
+        lock(&self.inner.aimd).paused_until(Instant::now())
     }
 
     pub fn on_throttle(&self, retry_after: Option<Duration>) {

@@ -400,7 +400,6 @@ impl<C: Cxone, S: Store> Run<'_, C, S> {
         match stop {
             Stop::Park { reason } => {
                 warn!(step = step.as_str(), error = %error, parks = self.delivery.parks, "transient failure; parking the saga");
-                self.deps.metrics.saga_parked();
                 if stored {
                     match self.write().await {
                         Ok(()) => {}

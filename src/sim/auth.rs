@@ -127,8 +127,18 @@ struct AccessKeyRequest {
     access_key_secret: String,
 }
 
+/// The token endpoints answer a fault status when one is set.
+fn token_fault(sim: &Shared) -> Option<Response> {
+    let status = sim.faults().token_status?;
+    let status = StatusCode::from_u16(status).ok()?;
+    Some(ApiError::new(status, "injected token endpoint fault").into_response())
+}
+
 /// `POST /authentication/v1/token/access-key`.
 pub(crate) async fn access_key_token(State(sim): State<Shared>, body: Bytes) -> Response {
+    if let Some(fault) = token_fault(&sim) {
+        return fault;
+    }
     let request: AccessKeyRequest = match parse_json(&body) {
         Ok(request) => request,
         Err(error) => return error.code("invalid_request").into_response(),
@@ -149,6 +159,9 @@ pub(crate) async fn password_token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(fault) = token_fault(&sim) {
+        return fault;
+    }
     if let Some(basic) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

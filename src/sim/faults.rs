@@ -79,6 +79,10 @@ pub(crate) struct Faults {
     pub paging_loop: bool,
     pub token_ttl: Option<Duration>,
     pub retry_after: Option<RetryAfter>,
+    /// Every 429 asks for this many seconds (e.g. an hour), whatever the bucket says.
+    pub retry_after_secs: Option<u64>,
+    /// The token endpoints answer this status (401: the key is refused; 503: an auth outage).
+    pub token_status: Option<u16>,
 }
 
 /// A probability given as `true`/`false` or a number in 0..=1.
@@ -109,6 +113,8 @@ pub(crate) struct FaultsRequest {
     reset_connections: Option<Rate>,
     paging_loop: Option<bool>,
     token_ttl_secs: Option<f64>,
+    retry_after_secs: Option<u64>,
+    token_status: Option<u16>,
     /// Not a fault but an action: invalidate every token issued so far.
     pub revoke_tokens: Option<bool>,
     retry_after: Option<RetryAfter>,
@@ -187,6 +193,11 @@ impl FaultsRequest {
             paging_loop: self.paging_loop.unwrap_or(false),
             token_ttl,
             retry_after: self.retry_after,
+            retry_after_secs: self.retry_after_secs,
+            token_status: self
+                .token_status
+                .map(|s| status("token_status", s))
+                .transpose()?,
         })
     }
 }
@@ -237,6 +248,8 @@ impl Faults {
             "reset_connections": self.reset_connections,
             "paging_loop": self.paging_loop,
             "token_ttl_secs": self.token_ttl.map(|ttl| ttl.as_secs_f64()),
+            "retry_after_secs": self.retry_after_secs,
+            "token_status": self.token_status,
             "retry_after": self.retry_after.map(|form| match form {
                 RetryAfter::Seconds => "seconds",
                 RetryAfter::HttpDate => "http-date",

@@ -98,7 +98,17 @@ async fn gate(sim: &Shared, key: String, mut req: Request, next: Next) -> Respon
             .code("invalid_token")
             .into_response();
     }
-    let form = sim.faults().retry_after.unwrap_or(sim.opts.retry_after);
+    let (form, fixed) = {
+        let f = sim.faults();
+        (
+            f.retry_after.unwrap_or(sim.opts.retry_after),
+            f.retry_after_secs,
+        )
+    };
+    let retry_after = |form, wait: std::time::Duration| match fixed {
+        Some(secs) => HeaderValue::from_str(&secs.to_string()).ok(),
+        None => retry_after(form, wait),
+    };
     if let Some(limiter) = &sim.limiter {
         let taken = limiter
             .lock()

@@ -124,7 +124,11 @@ impl Names {
 
     /// Creates this test's bucket on the local S3 server.
     pub async fn create_bucket(&self) {
-        let settings = self.settings(&[]);
+        self.create_bucket_for(&self.settings(&[])).await;
+    }
+
+    /// Creates this test's bucket on the S3 server `settings` name.
+    pub async fn create_bucket_for(&self, settings: &Settings) {
         let client = cxone_offboard::store::client(&settings.s3).await;
         client
             .create_bucket()
@@ -151,6 +155,12 @@ impl Names {
                 format!("{p}offboard.delay"),
             ),
             ("OFFBOARD__AMQP__RECONNECT_INITIAL_MS", "100".to_owned()),
+            // Few schedule buckets: every delay is a quorum queue, and a single test broker
+            // runs hundreds of tests' queues.
+            (
+                "OFFBOARD__WORKER__SCHEDULE_BUCKETS_SECS",
+                "3600,60,10,1".to_owned(),
+            ),
             ("OFFBOARD__AMQP__RECONNECT_MAX_MS", "1000".to_owned()),
             ("OFFBOARD__HTTP__LISTEN", "127.0.0.1:0".to_owned()),
             ("OFFBOARD__S3__ENDPOINT", s3_endpoint()),
@@ -182,6 +192,10 @@ impl Names {
             self.held(),
             self.housekeeping(),
         ];
+        let settings = self.settings(&[]);
+        queues.extend(
+            cxone_offboard::broker::topology::Delays::of(&settings).queue_names(&settings.amqp),
+        );
         for stage in ["requests", "housekeeping"] {
             for secs in [
                 1, 2, 4, 8, 10, 16, 30, 32, 60, 64, 300, 600, 1800, 3600, 86400,
@@ -411,12 +425,21 @@ pub fn test_control_key() -> cxone_offboard::broker::control::ControlKey {
 
 /// Starts a worker in-process with `handler` (zero-to-production's `spawn_app`).
 pub async fn spawn_worker<H: Handler>(settings: Settings, handler: Arc<H>) -> TestWorker {
+    spawn_worker_with_pause(settings, handler, None).await
+}
+
+/// Like [`spawn_worker`], pausing intake while `pause` holds a reason.
+pub async fn spawn_worker_with_pause<H: Handler>(
+    settings: Settings,
+    handler: Arc<H>,
+    pause: Option<cxone_offboard::broker::consumer::PauseSignal>,
+) -> TestWorker {
     let shutdown = CancellationToken::new();
     let running = worker::start(
         Arc::new(settings),
         handler,
         Metrics::new(),
-        None,
+        pause,
         test_control_key(),
         shutdown.clone(),
     )
@@ -494,6 +517,14 @@ impl OutcomeTap {
         self.received.lock().await.clone()
     }
 
+    /// A tap bound to nothing (it hears no outcome).
+    pub async fn detached() -> Self {
+        Self {
+            _conn: connect().await.expect("broker"),
+            received: Arc::default(),
+        }
+    }
+
     /// Waits until `n` outcomes arrived (or the deadline) and returns them all.
     pub async fn wait(&self, n: usize, within: Duration) -> Vec<serde_json::Value> {
         until(within, || self.all(), |got| got.len() >= n).await
@@ -532,14 +563,39 @@ impl Stack {
     }
 
     pub async fn start(sim_opts: cxone_offboard::sim::SimOptions, extra: &[(&str, &str)]) -> Self {
+        Self::start_with(sim_opts, extra, true).await
+    }
+
+    /// Like [`Stack::start`]; without `tap` nothing is bound to the outcomes exchange.
+    pub async fn start_with(
+        sim_opts: cxone_offboard::sim::SimOptions,
+        extra: &[(&str, &str)],
+        tap: bool,
+    ) -> Self {
+        Self::start_full(Names::new(), sim_opts, extra, tap).await
+    }
+
+    /// Like [`Stack::start`] on broker names (and a bucket) chosen by the test.
+    pub async fn start_on(
+        names: Names,
+        sim_opts: cxone_offboard::sim::SimOptions,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        Self::start_full(names, sim_opts, extra, true).await
+    }
+
+    async fn start_full(
+        names: Names,
+        sim_opts: cxone_offboard::sim::SimOptions,
+        extra: &[(&str, &str)],
+        tap: bool,
+    ) -> Self {
         assert!(
             std::env::var_os("AWS_ACCESS_KEY_ID").is_some()
                 && std::env::var_os("AWS_EC2_METADATA_DISABLED").is_some(),
             "S3 tests need the local server's credentials and no metadata lookups: run them \
              through `make test` (it exports AWS_ACCESS_KEY_ID=test, AWS_EC2_METADATA_DISABLED=true)"
         );
-        let names = Names::new();
-        names.create_bucket().await;
         let sim = cxone_offboard::sim::spawn(sim_opts, "127.0.0.1:0".parse().expect("addr"))
             .await
             .expect("simulator starts");
@@ -551,6 +607,7 @@ impl Stack {
         );
         let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let settings = names.settings(&pairs);
+        names.create_bucket_for(&settings).await;
         let app = cxone_offboard::app::App::build(Arc::new(settings.clone()), Metrics::new())
             .await
             .expect("the worker builds");
@@ -566,7 +623,11 @@ impl Stack {
             worker.wait_ready(200, Duration::from_secs(15)).await,
             "worker ready"
         );
-        let tap = OutcomeTap::new(&names.outcomes()).await;
+        let tap = if tap {
+            OutcomeTap::new(&names.outcomes()).await
+        } else {
+            OutcomeTap::detached().await
+        };
         let outside = Outside::new().await;
         Self {
             names,
@@ -655,7 +716,7 @@ pub async fn declare_topology(settings: &Settings) {
     cxone_offboard::broker::topology::declare(
         &ch,
         &settings.amqp,
-        &settings.worker.all_delays(&settings.safety),
+        &cxone_offboard::broker::topology::Delays::of(settings),
     )
     .await
     .expect("topology");

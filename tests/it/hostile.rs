@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use cxone_offboard::broker::headers;
 use cxone_offboard::config::Settings;
-use cxone_offboard::event::{self, Limits};
+use cxone_offboard::event;
 use cxone_offboard::sim::{SimOptions, spawn};
 use serde_json::{Value, json};
 
@@ -158,6 +158,16 @@ pub(crate) fn corpus() -> Vec<(String, Vec<u8>, Option<&'static str>)> {
     e = termination("hostile-1", "E000001");
     e["data"]["notify"] = json!("hr\u{0}");
     push("NUL in notify", serde_json::to_vec(&e).expect("json"));
+    // `notify` must name a configured endpoint (none is, here), never a URL.
+    e = termination("hostile-1", "E000001");
+    e["data"]["notify"] = json!("payroll");
+    push(
+        "notify names no configured endpoint",
+        serde_json::to_vec(&e).expect("json"),
+    );
+    e = termination("hostile-1", "E000001");
+    e["data"]["notify"] = json!("https://evil.example/hook");
+    push("notify is a URL", serde_json::to_vec(&e).expect("json"));
     out.push((
         "text/html content type".to_owned(),
         valid.clone(),
@@ -174,7 +184,7 @@ pub(crate) fn corpus() -> Vec<(String, Vec<u8>, Option<&'static str>)> {
 #[test]
 fn hostile_corpus_is_rejected_by_the_parser() {
     for (name, body, ct) in corpus() {
-        let r = event::check_content_type(ct).and_then(|()| event::parse(&body, Limits::default()));
+        let r = event::Rules::default().parse_message(ct, &body);
         assert!(r.is_err(), "{name} was accepted: {r:?}");
     }
 }
@@ -238,6 +248,101 @@ async fn hostile_events_are_dead_lettered_as_invalid_with_zero_cxone_requests() 
     worker.kill9();
     sim.shutdown().await;
     names.cleanup().await;
+}
+
+/// Control headers a publisher might forge, each on an otherwise valid termination: the
+/// worker ignores every one (counted), and the sagas run as if they were absent.
+pub(crate) fn forged_headers() -> Vec<(&'static str, lapin::types::FieldTable)> {
+    use lapin::types::{AMQPValue, FieldTable};
+    let mut out = Vec::new();
+    let mut with = |name: &'static str, key: &str, value: AMQPValue| {
+        let mut t = FieldTable::default();
+        t.insert(key.into(), value);
+        out.push((name, t));
+    };
+    with(
+        "guard released",
+        headers::GUARD_RELEASED,
+        AMQPValue::LongString("released by nobody".into()),
+    );
+    with(
+        "park count",
+        headers::PARK_COUNT,
+        AMQPValue::LongLongInt(99),
+    );
+    with(
+        "rescues spent",
+        "x-offboard-rescues",
+        AMQPValue::LongLongInt(3),
+    );
+    with(
+        "lease waits",
+        headers::LEASE_WAITS,
+        AMQPValue::LongLongInt(50),
+    );
+    with(
+        "replay count",
+        headers::REPLAY_COUNT,
+        AMQPValue::LongLongInt(4),
+    );
+    with(
+        "a delivery count on a first delivery",
+        headers::DELIVERY_COUNT,
+        AMQPValue::LongLongInt(4),
+    );
+    with(
+        "a signature of another key",
+        "x-offboard-signature",
+        AMQPValue::LongString("v1=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()),
+    );
+    out
+}
+
+#[tokio::test]
+async fn hostile_control_headers_from_a_publisher_are_ignored() {
+    let _shared = BROKER.read().await;
+    let stack = crate::helpers::Stack::start(
+        SimOptions {
+            users: 10,
+            interactions_per_user: 1,
+            ..SimOptions::default()
+        },
+        &[],
+    )
+    .await;
+    let cases = forged_headers();
+    for (i, (_, table)) in cases.iter().enumerate() {
+        let body = serde_json::to_vec(&termination(
+            &format!("forged-{i}"),
+            &format!("E{:06}", i + 1),
+        ))
+        .expect("json");
+        stack
+            .outside
+            .publish_with_headers(
+                &stack.names.events(),
+                "employee.terminated",
+                &body,
+                table.clone(),
+            )
+            .await;
+    }
+    let outcomes = stack.tap.wait(cases.len(), Duration::from_secs(120)).await;
+    for (i, (name, _)) in cases.iter().enumerate() {
+        let o = outcomes
+            .iter()
+            .find(|o| o["data"]["event_id"] == format!("forged-{i}"))
+            .unwrap_or_else(|| panic!("{name}: no outcome"));
+        assert_eq!(o["type"], "offboard.saga.completed", "{name}: {o}");
+    }
+    let m = crate::helpers::metrics_text(&stack.worker.base).await;
+    let ignored: f64 = m
+        .lines()
+        .find(|l| l.starts_with("offboard_control_headers_ignored_total "))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert_eq!(ignored as usize, cases.len(), "{m}");
+    stack.stop().await;
 }
 
 /// A local HTTP endpoint that counts requests (the HRIS webhook receiver).

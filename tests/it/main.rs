@@ -5,6 +5,7 @@ mod chaos;
 mod client;
 mod docs;
 mod faults;
+mod hardening;
 mod helpers;
 mod hostile;
 mod intake;

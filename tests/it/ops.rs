@@ -55,7 +55,12 @@ async fn declare(names: &Names) {
     names.create_bucket().await;
     let conn = connect().await.expect("broker");
     let ch = conn.create_channel().await.expect("channel");
-    cxone_offboard::broker::topology::declare(&ch, &names.settings(&[]).amqp, &[])
+    let settings = names.settings(&[]);
+    let none = cxone_offboard::broker::topology::Delays {
+        access: vec![],
+        housekeeping: vec![],
+    };
+    cxone_offboard::broker::topology::declare(&ch, &settings.amqp, &none)
         .await
         .expect("topology");
     let _ = conn.close(200, "".into()).await;

@@ -1047,7 +1047,7 @@ async fn sim_control_api_users_stats_reset() {
     );
     assert_eq!(
         sim.stats().await,
-        json!({"total": 0, "throttled": 0, "by_route": {}})
+        json!({"total": 0, "throttled": 0, "by_route": {}, "in_flight": {}})
     );
     assert_eq!(
         sim.control(Method::GET, "/_sim/faults", None).await.1["error_rate"],
