@@ -14,7 +14,6 @@ pub mod publisher;
 pub mod sessions;
 pub mod topology;
 
-use anyhow::Context;
 use lapin::{Connection, ConnectionProperties};
 use secrecy::ExposeSecret;
 
@@ -30,5 +29,18 @@ pub async fn connect(settings: &AmqpSettings, role: &str) -> anyhow::Result<Conn
     let props = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(settings.url.expose_secret(), props)
         .await
-        .with_context(|| format!("connecting to the broker at {}", settings.redacted_url()))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "connecting to the broker at {}: {}",
+                settings.redacted_url(),
+                describe(&e)
+            )
+        })
+}
+
+/// A broker error in one line, its cause said once (lapin's message already includes its
+/// source, so it is not chained again). The whole structure is logged at debug level.
+pub fn describe(e: &lapin::Error) -> String {
+    tracing::debug!(error = ?e, "broker error");
+    e.to_string()
 }

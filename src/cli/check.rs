@@ -100,7 +100,10 @@ async fn check_s3(settings: &Settings) -> Result<String, String> {
     crate::store::check_bucket(&client, &settings.s3.bucket)
         .await
         .map(|()| format!("bucket {}{at}", settings.s3.bucket))
-        .map_err(|e| format!("{e:#}{at}"))
+        .map_err(|e| match at.is_empty() {
+            true => e,
+            false => format!("{e} (endpoint{at})"),
+        })
 }
 
 /// What the worker relies on from the store: conditional writes (fencing, the guard and

@@ -415,7 +415,6 @@ async fn shutdown_is_honoured_while_intake_is_paused() {
 /// Item 7: S3 had no operation timeout: a server that stops answering held a saga (and one of
 /// the request slots) forever. The request times out (transient) and the saga parks.
 #[tokio::test]
-#[ignore = "needs its own S3 server to freeze: run by scripts/reliability.sh"]
 async fn faults_s3_that_stops_answering_parks_the_saga() {
     let _shared = BROKER.read().await;
     let s3 = crate::chaos::OwnS3::start().await;
@@ -677,4 +676,76 @@ async fn a_store_that_ignores_conditional_writes_is_refused() {
     assert_eq!(check.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("ignores `If-None-Match: *`"), "{stdout}");
     assert!(stdout.contains("ignores `If-Match`"), "{stdout}");
+}
+
+async fn run_cli(args: &[&str], env: &[(&str, &str)], unset: &[&str]) -> (i32, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cxone-offboard"));
+    cmd.args(args).envs(env.iter().copied());
+    for k in unset {
+        cmd.env_remove(k);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("finishes")
+        .expect("runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Item 14: when something outside fails an operator reads one line that says what and what
+/// to do — not the AWS SDK's debug structures, not lapin's log lines, not a cause said twice.
+#[tokio::test]
+async fn errors_people_read_are_one_line() {
+    let no_creds = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"];
+    let s3 = [
+        ("OFFBOARD__S3__ENDPOINT", "http://127.0.0.1:9000"),
+        ("AWS_CONFIG_FILE", "/nonexistent"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+    ];
+    let noise = [
+        "DispatchFailure",
+        "ConnectorError",
+        "SdkError",
+        "{ ",
+        "lapin::",
+    ];
+    // `check` without AWS credentials: a line per check, the S3 one saying what to set.
+    let (code, stdout, stderr) = run_cli(&["check"], &s3, &no_creds).await;
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    let s3_line = stdout
+        .lines()
+        .find(|l| l.starts_with("s3 "))
+        .unwrap_or_default();
+    assert!(
+        s3_line.contains("no AWS credentials: set AWS_ACCESS_KEY_ID"),
+        "{stdout}"
+    );
+    for n in noise {
+        assert!(
+            !stdout.contains(n) && !stderr.contains(n),
+            "{n}: {stdout}{stderr}"
+        );
+    }
+    // `guard status` without AWS credentials: one line on stderr.
+    let (code, _, stderr) = run_cli(&["guard", "status"], &s3, &no_creds).await;
+    assert_eq!(code, 1);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("no AWS credentials"), "{stderr}");
+    // `dlq list` with the broker down: one line, the cause once.
+    let (code, _, stderr) = run_cli(
+        &["dlq", "list"],
+        &[(
+            "OFFBOARD__AMQP__URL",
+            "amqp://guest:secret-pw@127.0.0.1:9/%2f",
+        )],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_eq!(stderr.matches("Connection refused").count(), 1, "{stderr}");
+    assert!(!stderr.contains("secret-pw"), "{stderr}");
 }
