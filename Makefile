@@ -16,7 +16,7 @@ help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
 .PHONY: services
-services: ## Install if needed and start RabbitMQ and the local S3 server; create the bucket
+services: ## Install if needed and start RabbitMQ, Redis, moto and s3s-fs; create the buckets
 	@scripts/services.sh up
 
 .PHONY: services-down
@@ -24,7 +24,8 @@ services-down: ## Stop the services this repository started
 	@scripts/services.sh down
 
 .PHONY: demo
-demo: services ## Simulator + worker + local services: offboard 50 simulated users and print a summary
+demo: ## Simulator + worker + local services: offboard 50 simulated users and print a summary
+	@scripts/services.sh up rabbitmq moto
 	$(CARGO) run --quiet -- demo --users $(or $(USERS),50)
 
 .PHONY: run

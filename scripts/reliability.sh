@@ -47,7 +47,8 @@ python3 - "$OFFBOARD_RELIABILITY_REPORT" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 cols = ["scenario", "events", "outcome_messages", "completed", "failed", "lost", "duplicated",
-        "dead_lettered", "stuck", "repeated_destructive_writes", "cxone_requests", "seconds"]
+        "dead_lettered", "stuck", "repeated_destructive_writes", "kills", "broker_restarts",
+        "redis_kills", "s3_outage_secs", "cxone_requests", "seconds"]
 print("| " + " | ".join(cols) + " |")
 print("|" + "---|" * len(cols))
 for r in rows:

@@ -218,6 +218,35 @@ pub struct RateLimitSettings {
     pub burst: u32,
     /// The longest pause one 429 may cause, whatever its `Retry-After` says.
     pub max_retry_after_secs: u64,
+    /// One token bucket for the tenant in Redis, shared by every replica (CONTRACT §11).
+    /// May carry a password: never logged.
+    #[serde(default)]
+    pub redis_url: Option<SecretString>,
+    #[serde(default)]
+    pub redis_url_file: Option<PathBuf>,
+    /// The Redis key prefix of the bucket. Unset: derived from the CXone tenant (the API host
+    /// and access key id, hashed), so deployments of different tenants never share a bucket.
+    #[serde(default)]
+    pub redis_key: Option<String>,
+    /// One Redis round trip slower than this counts as Redis being down: the worker falls
+    /// back to its own limiter.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub redis_timeout_ms: u64,
+}
+
+fn default_redis_timeout_ms() -> u64 {
+    300
+}
+
+impl RateLimitSettings {
+    /// The shared-bucket URL, if one is configured.
+    pub fn redis_url(&self) -> Result<Option<SecretString>, ConfigError> {
+        read_secret(
+            "cxone.rate_limit.redis_url",
+            self.redis_url.as_ref(),
+            self.redis_url_file.as_deref(),
+        )
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -537,6 +566,34 @@ impl Settings {
             c.rate_limit.max_retry_after_secs,
         )?;
         positive("cxone.credentials_retry_secs", c.credentials_retry_secs)?;
+        if let Some(url) = c.rate_limit.redis_url()? {
+            let scheme = url.expose_secret().split("://").next().unwrap_or_default();
+            // The message never repeats the URL: it may hold a password.
+            if !matches!(scheme, "redis" | "rediss" | "redis+unix" | "unix")
+                || redis::Client::open(url.expose_secret()).is_err()
+            {
+                return Err(ConfigError::invalid(
+                    "cxone.rate_limit.redis_url",
+                    "is not a Redis URL (redis://[:password@]host[:port][/db] or rediss://…)",
+                ));
+            }
+        }
+        if let Some(key) = &c.rate_limit.redis_key
+            && (key.is_empty()
+                || key.len() > 200
+                || key.chars().any(|ch| ch.is_control() || ch.is_whitespace()))
+        {
+            return Err(ConfigError::invalid(
+                "cxone.rate_limit.redis_key",
+                "must be 1 to 200 characters without spaces or control characters",
+            ));
+        }
+        if !(10..=10_000).contains(&c.rate_limit.redis_timeout_ms) {
+            return Err(ConfigError::invalid(
+                "cxone.rate_limit.redis_timeout_ms",
+                "must be between 10 and 10000",
+            ));
+        }
 
         for (name, endpoint) in &self.hris.endpoints {
             let key = format!("hris.endpoints.{name}");

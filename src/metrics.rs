@@ -48,6 +48,9 @@ pub struct Metrics {
     control_headers_ignored: Counter,
     cxone_credentials_rejected: Gauge,
     cxone_breaker_open: Gauge,
+    quota_shared: Gauge,
+    quota_replicas: Gauge,
+    quota_fallbacks: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -217,8 +220,29 @@ impl Metrics {
             "1 while the CXone circuit breaker is open or probing (intake paused)",
             cxone_breaker_open.clone(),
         );
+        let quota_shared = Gauge::default();
+        registry.register(
+            "quota_shared",
+            "1 while CXone tokens come from the shared bucket in Redis, 0 on the local limiter",
+            quota_shared.clone(),
+        );
+        let quota_replicas = Gauge::default();
+        registry.register(
+            "quota_replicas",
+            "Replicas sharing the Redis bucket, as last seen (heartbeats in the last 5 s)",
+            quota_replicas.clone(),
+        );
+        let quota_fallbacks = Counter::default();
+        registry.register(
+            "quota_fallbacks",
+            "Times Redis failed and this process fell back to its own limiter",
+            quota_fallbacks.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            quota_shared,
+            quota_replicas,
+            quota_fallbacks,
             cxone_credentials_rejected,
             cxone_breaker_open,
             s3_requests,
@@ -346,6 +370,16 @@ impl Metrics {
     }
     pub fn cxone_credentials_rejected(&self, rejected: bool) {
         self.cxone_credentials_rejected.set(i64::from(rejected));
+    }
+    pub fn quota_shared(&self, shared: bool) {
+        self.quota_shared.set(i64::from(shared));
+    }
+    pub fn quota_replicas(&self, replicas: usize) {
+        self.quota_replicas
+            .set(i64::try_from(replicas).unwrap_or(i64::MAX));
+    }
+    pub fn quota_fallback(&self) {
+        self.quota_fallbacks.inc();
     }
     pub fn cxone_breaker_open(&self, open: bool) {
         self.cxone_breaker_open.set(i64::from(open));

@@ -47,6 +47,11 @@ pub async fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         check_store(&settings, &mut report).await;
     }
     report.line("cxone", check_cxone(&settings).await);
+    match crate::cxone::quota::check(&settings.cxone).await {
+        Ok(None) => {}
+        Ok(Some(line)) => report.line("quota", Ok(line)),
+        Err(e) => report.line("quota", Err(e)),
+    }
     Ok(if report.failed {
         ExitCode::from(super::EXIT_FAILURE)
     } else {

@@ -19,7 +19,8 @@ use url::Url;
 use super::auth::{Auth, Endpoints};
 use super::breaker::{Breaker, BreakerConfig};
 use super::error::{CxoneError, ErrorKind, classify_status, describe_reqwest};
-use super::limiter::{AimdConfig, Limiter, Priority};
+use super::limiter::Priority;
+use super::quota::Quota;
 use super::retry::{RetryPolicy, parse_retry_after};
 use super::{
     AccessKey, Agent, AgentState, CallLog, ContactsPage, Cxone, Deactivation, Removal, ScimUser,
@@ -80,7 +81,7 @@ impl Answer {
 struct Inner {
     http: reqwest::Client,
     auth: Auth,
-    limiter: Limiter,
+    limiter: Quota,
     breaker: Breaker,
     retry: RetryPolicy,
     version: String,
@@ -172,12 +173,8 @@ impl Client {
             }
         }
         let http = builder.build().context("building the HTTP client")?;
-        let mut aimd = AimdConfig::new(
-            settings.rate_limit.requests_per_second,
-            settings.rate_limit.burst,
-        );
-        aimd.max_retry_after = Duration::from_secs(settings.rate_limit.max_retry_after_secs);
-        let limiter = Limiter::new(aimd);
+        let redis_url = settings.rate_limit.redis_url()?;
+        let limiter = Quota::new(settings, redis_url.as_ref(), metrics.clone())?;
         metrics.cxone_rate(limiter.current_rate());
         let breaker = Breaker::new(BreakerConfig {
             failure_threshold: settings.breaker_failure_threshold,
@@ -239,7 +236,7 @@ impl Client {
         tokio::spawn(credentials_loop(Arc::downgrade(inner)));
     }
 
-    pub fn limiter(&self) -> &Limiter {
+    pub fn limiter(&self) -> &Quota {
         &self.inner.limiter
     }
 

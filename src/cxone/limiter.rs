@@ -369,6 +369,22 @@ impl Limiter {
         lock(&self.inner.aimd).rate()
     }
 
+    /// Starts the controller afresh under a new ceiling: the share of the tenant's quota this
+    /// process takes when it falls back from the shared bucket.
+    pub fn reset(&self, ceiling: f64, burst: u32) {
+        let mut aimd = lock(&self.inner.aimd);
+        let mut cfg = AimdConfig::new(ceiling, burst);
+        cfg.max_retry_after = aimd.cfg.max_retry_after;
+        *aimd = Aimd::new(cfg);
+        drop(aimd);
+        self.inner.wake.notify_one();
+    }
+
+    /// The configuration the controller runs under now.
+    pub fn config(&self) -> AimdConfig {
+        lock(&self.inner.aimd).cfg
+    }
+
     /// Callers waiting now, by class.
     pub fn waiting(&self) -> (usize, usize) {
         let q = lock(&self.inner.queues);

@@ -7,6 +7,7 @@ pub mod breaker;
 pub mod client;
 pub mod error;
 pub mod limiter;
+pub mod quota;
 pub mod retry;
 
 use std::future::Future;

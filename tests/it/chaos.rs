@@ -22,6 +22,7 @@ use tokio::sync::Mutex;
 
 use crate::helpers::{BROKER, Names, Outside, connect, rabbitmqctl, termination};
 use crate::process::{WorkerProcess, free_port, sim_user};
+use crate::redis_server::RedisServer;
 
 pub(crate) fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -267,6 +268,7 @@ pub(crate) struct Figures {
     pub kills: usize,
     pub kills_mid_run: usize,
     pub broker_restarts: usize,
+    pub redis_kills: usize,
     pub s3_outage_secs: u64,
     pub workers: usize,
     pub seconds: u64,
@@ -412,6 +414,7 @@ pub(crate) async fn sim_figures(f: &mut Figures, sim: &SimServer, n: usize) {
 enum Action {
     Kill,
     RestartBroker,
+    KillRedis,
 }
 
 struct Scenario {
@@ -419,11 +422,16 @@ struct Scenario {
     workers: usize,
     kills: usize,
     broker_restarts: usize,
+    /// kill -9 of the Redis holding the shared quota, back 2 s later.
+    redis_kills: usize,
     s3_outage: Option<Duration>,
 }
 
-fn worker_env(s3: &str, rps: u64) -> Vec<(&'static str, String)> {
+fn worker_env(s3: &str, rps: u64, redis: &str) -> Vec<(&'static str, String)> {
     vec![
+        // Every scenario runs on the shared quota (a Redis of the run's own): `rps` is the
+        // rate for all workers together.
+        ("OFFBOARD__CXONE__RATE_LIMIT__REDIS_URL", redis.to_owned()),
         (
             "OFFBOARD__CXONE__RATE_LIMIT__REQUESTS_PER_SECOND",
             rps.to_string(),
@@ -513,10 +521,11 @@ async fn run(scenario: Scenario) -> Figures {
         .send()
         .await
         .expect("faults");
+    let mut redis = RedisServer::start().await;
     let log = log_dir().join(format!("{}-{}.log", scenario.name, names.prefix));
     let mut fleet = Fleet {
         names: names.clone(),
-        env: worker_env(&s3.endpoint, rps),
+        env: worker_env(&s3.endpoint, rps, &redis.url()),
         log: log.clone(),
         workers: Vec::new(),
     };
@@ -562,6 +571,7 @@ async fn run(scenario: Scenario) -> Figures {
             Action::RestartBroker,
             scenario.broker_restarts,
         ))
+        .chain(std::iter::repeat_n(Action::KillRedis, scenario.redis_kills))
         .collect();
     {
         let mut rng = rand::rng();
@@ -595,6 +605,12 @@ async fn run(scenario: Scenario) -> Figures {
             Action::RestartBroker => {
                 restart_broker(Duration::from_secs(2)).await;
                 f.broker_restarts += 1;
+            }
+            Action::KillRedis => {
+                redis.kill9();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                redis.restart().await;
+                f.redis_kills += 1;
             }
         }
     }
@@ -705,6 +721,7 @@ async fn chaos_a_kill_9_ten_times() {
         workers: 1,
         kills: 10,
         broker_restarts: 0,
+        redis_kills: 0,
         s3_outage: None,
     })
     .await;
@@ -721,6 +738,7 @@ async fn chaos_b_broker_restarts_three_times() {
         workers: 1,
         kills: 0,
         broker_restarts: 3,
+        redis_kills: 0,
         s3_outage: None,
     })
     .await;
@@ -736,6 +754,7 @@ async fn chaos_c_s3_outage() {
         workers: 1,
         kills: 0,
         broker_restarts: 0,
+        redis_kills: 0,
         s3_outage: Some(outage()),
     })
     .await;
@@ -751,6 +770,7 @@ async fn chaos_d_all_three_with_two_workers() {
         workers: 2,
         kills: 10,
         broker_restarts: 3,
+        redis_kills: 2,
         s3_outage: Some(outage()),
     })
     .await;

@@ -128,9 +128,15 @@ pub(crate) async fn sim_user(sim: &SimServer, id: &str) -> Value {
 
 #[tokio::test]
 async fn kill_9_during_a_run_loses_nothing_and_repeats_no_write() {
+    kill_9_during_a_run(&[]).await;
+}
+
+/// Five kill -9s during 300 terminations; `extra` is the workers' environment on top (another
+/// S3 server, say).
+pub(crate) async fn kill_9_during_a_run(extra: &[(&str, &str)]) {
     let _shared = BROKER.read().await;
     let names = Names::new();
-    names.create_bucket().await;
+    names.create_bucket_for(&names.settings(extra)).await;
     let sim = spawn(
         SimOptions {
             users: 300,
@@ -148,7 +154,7 @@ async fn kill_9_during_a_run_loses_nothing_and_repeats_no_write() {
         .send()
         .await
         .expect("faults");
-    let first = WorkerProcess::start(&names, &sim, &[]);
+    let first = WorkerProcess::start(&names, &sim, extra);
     first.wait_ready().await;
     let tap = OutcomeTap::new(&names.outcomes()).await;
     let outside = Outside::new().await;
@@ -165,7 +171,7 @@ async fn kill_9_during_a_run_loses_nothing_and_repeats_no_write() {
         tokio::time::sleep(Duration::from_millis(pause_ms)).await;
         worker.kill9();
         kills += 1;
-        worker = WorkerProcess::start(&names, &sim, &[]);
+        worker = WorkerProcess::start(&names, &sim, extra);
         worker.wait_ready().await;
     }
     let done = until(
