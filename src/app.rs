@@ -43,6 +43,7 @@ impl App {
     /// Builds the worker. Fails on a setting that cannot work and on a store that ignores
     /// conditional writes (fencing, the guard and write-once manifests depend on them).
     pub async fn build(settings: Arc<Settings>, metrics: Metrics) -> anyhow::Result<Self> {
+        metrics.sla_limit(settings.sla.revoke_within_secs);
         let cxone = Client::new(&settings.cxone, metrics.clone())?;
         let store = S3::new(&settings.s3).await.with_metrics(metrics.clone());
         let caps = crate::store::probe_capabilities(&store).await;

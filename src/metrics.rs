@@ -19,6 +19,39 @@ pub struct ClassLabel {
 pub struct RouteLabel {
     pub route: String,
     pub status: String,
+    /// `revoke` or `housekeeping`: the limiter queue the call waited in.
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    pub stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+/// Sagas in this process that have not yet revoked access, by when their clock started.
+#[derive(Default)]
+struct Unrevoked {
+    next: u64,
+    since: std::collections::HashMap<u64, chrono::DateTime<chrono::Utc>>,
+}
+
+/// Holds one saga in `offboard_oldest_unrevoked_age_seconds` until dropped.
+pub struct UnrevokedGuard {
+    id: u64,
+    set: Arc<std::sync::Mutex<Unrevoked>>,
+}
+
+impl Drop for UnrevokedGuard {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.since.remove(&self.id);
+        }
+    }
 }
 
 /// The process's metrics. Cheap to clone (all handles are shared).
@@ -31,12 +64,12 @@ pub struct Metrics {
     requeued: Counter,
     rescued: Counter,
     dead_lettered: Family<ClassLabel, Counter>,
-    in_flight: Gauge,
+    in_flight: Family<StageLabel, Gauge>,
     broker_connected: Gauge,
     broker_reconnects: Counter,
     draining: Gauge,
     cxone_requests: Family<RouteLabel, Counter>,
-    cxone_throttled: Counter,
+    cxone_throttled: Family<ClassLabel, Counter>,
     cxone_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     sagas: Family<StatusLabel, Counter>,
     sagas_parked: Counter,
@@ -51,6 +84,11 @@ pub struct Metrics {
     quota_shared: Gauge,
     quota_replicas: Gauge,
     quota_fallbacks: Counter,
+    sagas_handed_over: Counter,
+    sla_revocations: Family<ResultLabel, Counter>,
+    sla_limit: Gauge,
+    oldest_unrevoked: Gauge<f64, std::sync::atomic::AtomicU64>,
+    unrevoked: Arc<std::sync::Mutex<Unrevoked>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -124,12 +162,17 @@ impl Metrics {
             "Deliveries dead-lettered by the worker, by error class",
             dead_lettered.clone(),
         );
-        let in_flight = Gauge::default();
+        let in_flight = Family::<StageLabel, Gauge>::default();
         registry.register(
             "in_flight",
-            "Deliveries being handled now",
+            "Deliveries being handled now, by stage (access, housekeeping)",
             in_flight.clone(),
         );
+        for stage in ["access", "housekeeping"] {
+            let _ = in_flight.get_or_create(&StageLabel {
+                stage: stage.to_owned(),
+            });
+        }
         let broker_connected = Gauge::default();
         registry.register(
             "broker_connected",
@@ -150,16 +193,21 @@ impl Metrics {
             "CXone requests by route template and HTTP status (0 = no answer)",
             cxone_requests.clone(),
         );
-        let cxone_throttled = Counter::default();
+        let cxone_throttled = Family::<ClassLabel, Counter>::default();
         registry.register(
             "cxone_throttled",
-            "CXone answers 429",
+            "CXone answers 429, by class (revoke, housekeeping)",
             cxone_throttled.clone(),
         );
+        for class in ["revoke", "housekeeping"] {
+            let _ = cxone_throttled.get_or_create(&ClassLabel {
+                class: class.to_owned(),
+            });
+        }
         let cxone_rate = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
-            "cxone_rate_limit",
-            "Requests per second the adaptive limiter allows now",
+            "cxone_rate_limit_requests_per_second",
+            "Requests per second the limiter allows now (the tenant-wide rate on the shared quota)",
             cxone_rate.clone(),
         );
         let sagas = Family::<StatusLabel, Counter>::default();
@@ -238,8 +286,42 @@ impl Metrics {
             "Times Redis failed and this process fell back to its own limiter",
             quota_fallbacks.clone(),
         );
+        let sagas_handed_over = Counter::default();
+        registry.register(
+            "sagas_handed_over",
+            "Sagas whose access removal was verified and handed over to housekeeping",
+            sagas_handed_over.clone(),
+        );
+        let sla_revocations = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "sla_revocations",
+            "Revocations by SLA result (met, breached): revoked_at against sla.due_at",
+            sla_revocations.clone(),
+        );
+        for result in ["met", "breached"] {
+            let _ = sla_revocations.get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            });
+        }
+        let sla_limit = Gauge::default();
+        registry.register(
+            "sla_revoke_within_seconds",
+            "The configured revocation SLA (sla.revoke_within_secs)",
+            sla_limit.clone(),
+        );
+        let oldest_unrevoked = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "oldest_unrevoked_age_seconds",
+            "Age (from effective_at or arrival) of the oldest saga this process is running that has not revoked access yet; 0 when none",
+            oldest_unrevoked.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            sagas_handed_over,
+            sla_revocations,
+            sla_limit,
+            oldest_unrevoked,
+            unrevoked: Arc::default(),
             quota_shared,
             quota_replicas,
             quota_fallbacks,
@@ -271,6 +353,15 @@ impl Metrics {
 
     /// Prometheus text exposition of everything registered.
     pub fn render(&self) -> String {
+        let oldest = self
+            .unrevoked
+            .lock()
+            .ok()
+            .and_then(|set| set.since.values().min().copied());
+        let age = oldest.map_or(0.0, |since| {
+            (chrono::Utc::now() - since).num_milliseconds().max(0) as f64 / 1000.0
+        });
+        self.oldest_unrevoked.set(age);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -299,14 +390,61 @@ impl Metrics {
             })
             .inc();
     }
-    pub fn handling_started(&self) {
-        self.in_flight.inc();
+    pub fn handling_started(&self, stage: &str) {
+        self.in_flight
+            .get_or_create(&StageLabel {
+                stage: stage.to_owned(),
+            })
+            .inc();
     }
-    pub fn handling_finished(&self) {
-        self.in_flight.dec();
+    pub fn handling_finished(&self, stage: &str) {
+        self.in_flight
+            .get_or_create(&StageLabel {
+                stage: stage.to_owned(),
+            })
+            .dec();
     }
+    /// Deliveries being handled now, both stages.
     pub fn in_flight(&self) -> i64 {
-        self.in_flight.get()
+        ["access", "housekeeping"]
+            .iter()
+            .map(|s| {
+                self.in_flight
+                    .get_or_create(&StageLabel {
+                        stage: (*s).to_owned(),
+                    })
+                    .get()
+            })
+            .sum()
+    }
+    pub fn saga_handed_over(&self) {
+        self.sagas_handed_over.inc();
+    }
+    /// A saga revoked access: count it against its SLA.
+    pub fn sla_revocation(&self, met: bool) {
+        self.sla_revocations
+            .get_or_create(&ResultLabel {
+                result: if met { "met" } else { "breached" }.to_owned(),
+            })
+            .inc();
+    }
+    pub fn sla_limit(&self, secs: u64) {
+        self.sla_limit.set(i64::try_from(secs).unwrap_or(i64::MAX));
+    }
+    /// Counts a saga without revoked access, its clock started at `since`, until the guard
+    /// is dropped.
+    pub fn unrevoked(&self, since: chrono::DateTime<chrono::Utc>) -> UnrevokedGuard {
+        let mut set = self
+            .unrevoked
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        set.next += 1;
+        let id = set.next;
+        set.since.insert(id, since);
+        UnrevokedGuard {
+            id,
+            set: self.unrevoked.clone(),
+        }
     }
     pub fn broker_up(&self, up: bool) {
         self.broker_connected.set(i64::from(up));
@@ -314,16 +452,21 @@ impl Metrics {
     pub fn broker_reconnected(&self) {
         self.broker_reconnects.inc();
     }
-    pub fn cxone_request(&self, route: &str, status: u16) {
+    pub fn cxone_request(&self, route: &str, status: u16, class: &str) {
         self.cxone_requests
             .get_or_create(&RouteLabel {
                 route: route.to_owned(),
                 status: status.to_string(),
+                class: class.to_owned(),
             })
             .inc();
     }
-    pub fn cxone_throttled(&self) {
-        self.cxone_throttled.inc();
+    pub fn cxone_throttled(&self, class: &str) {
+        self.cxone_throttled
+            .get_or_create(&ClassLabel {
+                class: class.to_owned(),
+            })
+            .inc();
     }
     pub fn cxone_rate(&self, rate: f64) {
         self.cxone_rate.set(rate);
@@ -407,6 +550,9 @@ mod tests {
             text.contains("offboard_messages_dead_lettered_total{class=\"invalid\"} 1"),
             "{text}"
         );
-        assert!(text.contains("offboard_in_flight 0"), "{text}");
+        assert!(
+            text.contains("offboard_in_flight{stage=\"access\"} 0"),
+            "{text}"
+        );
     }
 }

@@ -501,7 +501,11 @@ pub const RESCUES: &str = "x-offboard-rescues";
 
 impl<H: Handler> Task<H> {
     async fn run(self, delivery: Delivery) {
-        self.metrics.handling_started();
+        let stage = match self.ctx.stage {
+            Stage::Access => "access",
+            Stage::Housekeeping => "housekeeping",
+        };
+        self.metrics.handling_started(stage);
         let span = info_span!(
             "message",
             event_id = tracing::field::Empty,
@@ -509,7 +513,7 @@ impl<H: Handler> Task<H> {
             routing_key = %delivery.routing_key.as_str(),
         );
         self.run_inner(delivery).instrument(span).await;
-        self.metrics.handling_finished();
+        self.metrics.handling_finished(stage);
     }
 
     /// Re-publishes a message that crashed workers keep returning, before the limit hits.

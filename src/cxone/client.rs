@@ -303,9 +303,11 @@ impl Client {
         Ok(extend(base, segments))
     }
 
-    fn record(&self, method: &Method, route: &'static str, status: u16) {
+    fn record(&self, method: &Method, route: &'static str, status: u16, priority: Priority) {
         self.inner.requests.fetch_add(1, Ordering::Relaxed);
-        self.inner.metrics.cxone_request(route, status);
+        self.inner
+            .metrics
+            .cxone_request(route, status, priority.as_str());
         if let Some(log) = &self.log {
             log.record(method.as_str(), route, status);
         }
@@ -366,13 +368,13 @@ impl Client {
                 }
                 match rb.send().await {
                     Err(e) => {
-                        self.record(&req.method, req.route, 0);
+                        self.record(&req.method, req.route, 0, req.priority);
                         inner.breaker.on_failure(Instant::now());
                         err(ErrorKind::Transient, None, describe_reqwest(&e))
                     }
                     Ok(resp) => {
                         let status = resp.status().as_u16();
-                        self.record(&req.method, req.route, status);
+                        self.record(&req.method, req.route, status, req.priority);
                         let retry_after = resp
                             .headers()
                             .get("retry-after")
@@ -425,7 +427,7 @@ impl Client {
                             continue 'call;
                         } else if status == 429 {
                             inner.limiter.on_throttle(retry_after);
-                            inner.metrics.cxone_throttled();
+                            inner.metrics.cxone_throttled(req.priority.as_str());
                             inner.metrics.cxone_rate(inner.limiter.current_rate());
                             let mut e = err(
                                 ErrorKind::Transient,

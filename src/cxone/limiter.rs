@@ -27,6 +27,15 @@ pub enum Priority {
     Housekeeping,
 }
 
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Revoke => "revoke",
+            Self::Housekeeping => "housekeeping",
+        }
+    }
+}
+
 /// Tuning of the adaptive controller.
 #[derive(Debug, Clone, Copy)]
 pub struct AimdConfig {

@@ -170,6 +170,18 @@ const MAX_CONFLICTS: u32 = 5;
 
 impl<C: Cxone, S: Store> Run<'_, C, S> {
     async fn drive<O: Outcomes>(&mut self, outcomes: &O) -> Verdict {
+        // While access is not yet removed, this saga counts towards the oldest-unrevoked age
+        // (the SLA-at-risk alert).
+        let j = self.journal();
+        let _unrevoked = (j.revoked_at.is_none() && !self.plan && j.rescind.is_none()).then(|| {
+            self.deps
+                .metrics
+                .unrevoked(j.event_time().unwrap_or(j.created_at))
+        });
+        self.drive_steps(outcomes).await
+    }
+
+    async fn drive_steps<O: Outcomes>(&mut self, outcomes: &O) -> Verdict {
         loop {
             if self.delivery.draining.is_cancelled() && self.stored.etag.is_some() {
                 return self.park_for_shutdown().await;
@@ -217,6 +229,7 @@ impl<C: Cxone, S: Store> Run<'_, C, S> {
                     machine::hand_over(self.journal_mut());
                     return match self.write().await {
                         Ok(()) => {
+                            self.deps.metrics.saga_handed_over();
                             info!("access removed and verified; handed over to housekeeping");
                             Verdict::HandOver
                         }
@@ -274,6 +287,9 @@ impl<C: Cxone, S: Store> Run<'_, C, S> {
                 machine::step_done(self.journal_mut(), step, result, finished);
                 if !had_revoked && let Some(secs) = machine::time_to_revoke(self.journal()) {
                     self.deps.metrics.time_to_revoke(secs);
+                    if let Some(met) = self.journal().sla.as_ref().and_then(|s| s.met) {
+                        self.deps.metrics.sla_revocation(met);
+                    }
                 }
                 None
             }

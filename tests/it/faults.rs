@@ -188,7 +188,7 @@ async fn faults_timeouts_recover_and_persistent_ones_fail_as_exhausted() {
     // ... until it has been tried a few times; then the tenant recovers.
     // ... each tried more than once (a timed-out call answers nothing: status 0) ...
     let timeouts = format!(
-        "offboard_cxone_requests_total{{route=\"{}\",status=\"0\"}}",
+        "offboard_cxone_requests_total{{route=\"{}\",status=\"0\",class=\"revoke\"}}",
         logout.trim_start_matches("POST ")
     );
     let count = |text: &str| -> u64 {
