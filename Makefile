@@ -75,6 +75,10 @@ bench: ## End-to-end benchmarks (issue 10), 3 runs each: writes BENCHMARKS.md an
 bench-quick: ## Scaled-down benchmarks, 1 run each (~3 min after a release build): target/bench-quick/
 	@scripts/bench.sh --quick
 
+.PHONY: prometheus-check
+prometheus-check: ## A real Prometheus on a demo run: every dashboard query and alert finds its series
+	@scripts/prometheus-check.sh
+
 .PHONY: check
 check: services ## Run `cxone-offboard check` against the local services
 	$(CARGO) run --quiet -- check
@@ -85,7 +89,7 @@ IMAGE ?= cxone-offboard
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 
 .PHONY: helm-lint
-helm-lint: ## Lint, render and validate the Helm chart; run its tests (installs helm + tools if missing)
+helm-lint: ## Lint, render and validate the Helm chart; promtool on its alert rules; its tests (installs tools)
 	@scripts/helm-lint.sh
 
 .PHONY: image

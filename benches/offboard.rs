@@ -58,6 +58,8 @@ struct Opts {
     only: Option<Vec<String>>,
     python: PathBuf,
     work: PathBuf,
+    /// `s3s-fs` (default) or `moto`.
+    s3: String,
 }
 
 fn parse_args() -> anyhow::Result<Opts> {
@@ -69,6 +71,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         only: None,
         python: PathBuf::from("python3"),
         work: std::env::temp_dir().join(format!("cxone-bench-{}", std::process::id())),
+        s3: "s3s-fs".to_owned(),
     };
     let mut out_set = false;
     let mut svg_set = false;
@@ -92,6 +95,12 @@ fn parse_args() -> anyhow::Result<Opts> {
             }
             "--only" => o.only = Some(value()?.split(',').map(str::to_owned).collect()),
             "--python" => o.python = PathBuf::from(value()?),
+            "--s3" => {
+                o.s3 = value()?;
+                if !matches!(o.s3.as_str(), "s3s-fs" | "moto") {
+                    bail!("--s3 takes s3s-fs or moto");
+                }
+            }
             "--bench" | "--test" => {}
             other => bail!("unknown argument {other}"),
         }
@@ -159,6 +168,12 @@ impl Proc {
             .ok()
     }
 
+    /// SIGKILL at once (a crash, not a shutdown).
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, then SIGKILL after `grace`.
     fn stop(&mut self, grace: Duration) {
         let _ = Command::new("kill")
@@ -222,6 +237,42 @@ fn put_bucket(url: &str) -> anyhow::Result<()> {
         bail!("PUT {url}: {}", answer.lines().next().unwrap_or(""));
     }
     Ok(())
+}
+
+/// s3s-fs from PATH or `~/.cargo/bin` (`scripts/services.sh up s3s-fs` installs it).
+fn s3s_fs_binary() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let cargo = home.join(".cargo/bin/s3s-fs");
+    if cargo.exists() {
+        cargo
+    } else {
+        PathBuf::from("s3s-fs")
+    }
+}
+
+/// A Redis of one run's own, on a free port (the shared quota of workloads 7 and 8).
+fn start_redis(dir: &Path) -> anyhow::Result<(Proc, String)> {
+    let port = free_port()?;
+    let redis = Proc::spawn(
+        "redis",
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null()),
+        &dir.join("redis.log"),
+    )?;
+    wait_port(port, Duration::from_secs(10))?;
+    Ok((redis, format!("redis://127.0.0.1:{port}/0")))
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -351,25 +402,51 @@ impl Stack {
         std::fs::create_dir_all(&dir)?;
         let bucket = format!("bench-{short}");
         let s3_port = free_port()?;
-        // moto: s3s-fs 0.14.1 answers ListMultipartUploads with 501, which the archive step
-        // needs (it aborts stale uploads first). A fresh moto per run = a fresh store.
-        let s3 = Proc::spawn(
-            "moto",
-            Command::new(&opts.python)
-                .args([
-                    "-m",
-                    "moto.server",
-                    "-H",
-                    "127.0.0.1",
-                    "-p",
-                    &s3_port.to_string(),
-                ])
-                .stdout(Stdio::null()),
-            &dir.join("moto.log"),
-        )?;
-        wait_port(s3_port, Duration::from_secs(20))?;
-        let created = put_bucket(&format!("http://127.0.0.1:{s3_port}/{bucket}"));
-        created.with_context(|| format!("creating bucket {bucket}"))?;
+        // A fresh S3 server per run = a fresh store. s3s-fs (Rust, files on disk) by default:
+        // it is not what is measured; moto (one Python process) with `--s3 moto`.
+        let s3 = if opts.s3 == "moto" {
+            let s3 = Proc::spawn(
+                "moto",
+                Command::new(&opts.python)
+                    .args([
+                        "-m",
+                        "moto.server",
+                        "-H",
+                        "127.0.0.1",
+                        "-p",
+                        &s3_port.to_string(),
+                    ])
+                    .stdout(Stdio::null()),
+                &dir.join("moto.log"),
+            )?;
+            wait_port(s3_port, Duration::from_secs(20))?;
+            let created = put_bucket(&format!("http://127.0.0.1:{s3_port}/{bucket}"));
+            created.with_context(|| format!("creating bucket {bucket}"))?;
+            s3
+        } else {
+            let root = dir.join("s3");
+            // A bucket is a directory to s3s-fs.
+            std::fs::create_dir_all(root.join(&bucket))?;
+            let s3 = Proc::spawn(
+                "s3s-fs",
+                Command::new(s3s_fs_binary())
+                    .args([
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        &s3_port.to_string(),
+                        "--access-key",
+                        "test",
+                        "--secret-key",
+                        "test",
+                    ])
+                    .arg(&root)
+                    .stdout(Stdio::null()),
+                &dir.join("s3s-fs.log"),
+            )?;
+            wait_port(s3_port, Duration::from_secs(20))?;
+            s3
+        };
         let (simp, sim_url) = start_sim(&dir, sim)?;
         Ok(Self {
             dir,
@@ -397,8 +474,10 @@ impl Stack {
             ("OFFBOARD__AMQP__OUTCOMES_EXCHANGE", p("offboard.outcomes")),
             ("OFFBOARD__AMQP__HELD_QUEUE", p("offboard.held")),
             ("OFFBOARD__AMQP__DELAY_QUEUE_PREFIX", p("offboard.delay")),
-            ("OFFBOARD__AMQP__PREFETCH", w.prefetch.to_string()),
-            ("OFFBOARD__WORKER__MAX_IN_FLIGHT", w.in_flight.to_string()),
+            (
+                "OFFBOARD__AMQP__HOUSEKEEPING_QUEUE",
+                p("offboard.housekeeping"),
+            ),
             ("OFFBOARD__HTTP__LISTEN", format!("127.0.0.1:{http_port}")),
             ("OFFBOARD__S3__ENDPOINT", self.s3_url.clone()),
             ("OFFBOARD__S3__BUCKET", self.bucket.clone()),
@@ -419,7 +498,10 @@ impl Stack {
                 "100000".to_owned(),
             ),
             ("OFFBOARD__LOG__FORMAT", "json".to_owned()),
-            ("OFFBOARD__LOG__FILTER", "warn".to_owned()),
+            (
+                "OFFBOARD__LOG__FILTER",
+                std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            ),
             ("AWS_ACCESS_KEY_ID", "test".to_owned()),
             ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
             ("AWS_REGION", "us-east-1".to_owned()),
@@ -427,6 +509,26 @@ impl Stack {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
+        .chain(
+            [
+                w.prefetch
+                    .map(|n| ("OFFBOARD__AMQP__PREFETCH", n.to_string())),
+                w.in_flight
+                    .map(|n| ("OFFBOARD__WORKER__MAX_IN_FLIGHT", n.to_string())),
+                w.redis
+                    .clone()
+                    .map(|url| ("OFFBOARD__CXONE__RATE_LIMIT__REDIS_URL", url)),
+                w.redis.as_ref().map(|_| {
+                    (
+                        "OFFBOARD__CXONE__RATE_LIMIT__REDIS_KEY",
+                        self.prefix.clone(),
+                    )
+                }),
+            ]
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.to_owned(), v)),
+        )
         .collect()
     }
 
@@ -472,12 +574,22 @@ impl Stack {
         if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
             && let Ok(ch) = conn.create_channel().await
         {
-            let mut queues: Vec<String> = ["offboard.requests", "offboard.dead", "offboard.held"]
-                .iter()
-                .map(|q| self.name(q))
-                .collect();
-            for secs in [1, 10, 30, 60, 300, 600, 1800, 3600, 86400] {
-                queues.push(self.name(&format!("offboard.delay.{secs}s")));
+            let mut queues: Vec<String> = [
+                "offboard.requests",
+                "offboard.housekeeping",
+                "offboard.dead",
+                "offboard.held",
+            ]
+            .iter()
+            .map(|q| self.name(q))
+            .collect();
+            // Delay queues are declared on first use, one per stage and delay.
+            for secs in [
+                1, 2, 4, 5, 8, 10, 16, 30, 32, 60, 64, 120, 300, 600, 1800, 3600, 86400,
+            ] {
+                for stage in ["requests", "housekeeping"] {
+                    queues.push(self.name(&format!("offboard.delay.{stage}.{secs}s")));
+                }
             }
             for q in queues {
                 let _ = ch
@@ -499,16 +611,21 @@ impl Stack {
         } = self;
         sim.stop(Duration::from_secs(5));
         s3.stop(Duration::from_secs(5));
-        let _ = std::fs::remove_dir_all(&dir);
+        if std::env::var_os("BENCH_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct WorkerCfg {
     rps: f64,
     burst: u32,
-    in_flight: usize,
-    prefetch: usize,
+    /// `None`: the worker's defaults.
+    in_flight: Option<usize>,
+    prefetch: Option<usize>,
+    /// The shared quota's Redis.
+    redis: Option<String>,
 }
 
 struct Worker {
@@ -743,6 +860,10 @@ struct Sample {
 }
 
 struct SagaRun {
+    /// S3 requests the workers sent (their `offboard_s3_requests_total`).
+    s3_requests: f64,
+    /// Every worker answered `/readyz` 200 at the end of the run.
+    all_ready: bool,
     wall: f64,
     sagas: usize,
     completed: usize,
@@ -767,6 +888,10 @@ struct SagaSpec<'a> {
     worker: WorkerCfg,
     employees: Vec<u64>,
     timeout: Duration,
+    /// A Redis of the run's own for the shared quota.
+    redis: bool,
+    /// kill -9 that Redis this long after the first publish (and leave it down).
+    redis_stop_at: Option<Duration>,
 }
 
 fn beam_pid() -> Option<u32> {
@@ -780,25 +905,54 @@ fn beam_pid() -> Option<u32> {
 async fn saga_run(opts: &Opts, spec: &SagaSpec<'_>) -> anyhow::Result<SagaRun> {
     let load = settle(0.1, Duration::from_secs(if opts.quick { 5 } else { 30 }));
     let stack = Stack::start(opts, spec.tag, &spec.sim)?;
-    let result = saga_run_on(&stack, spec, load).await;
+    let mut worker = spec.worker.clone();
+    let mut redis = None;
+    if spec.redis {
+        let (proc, url) = start_redis(&stack.dir)?;
+        worker.redis = Some(url);
+        redis = Some(proc);
+    }
+    let result = saga_run_on(&stack, spec, &worker, redis.as_mut(), load).await;
     if result.is_err() {
         eprintln!("[bench] run failed; logs were in {}", stack.dir.display());
     }
+    drop(redis);
     stack.cleanup().await;
     result
 }
 
-async fn saga_run_on(stack: &Stack, spec: &SagaSpec<'_>, load: String) -> anyhow::Result<SagaRun> {
+/// Sums the samples of every series of `metric` in a worker's Prometheus text.
+async fn worker_sum(http: &reqwest::Client, url: &str, metric: &str) -> f64 {
+    let Ok(resp) = http.get(format!("{url}/metrics")).send().await else {
+        return 0.0;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn saga_run_on(
+    stack: &Stack,
+    spec: &SagaSpec<'_>,
+    worker_cfg: &WorkerCfg,
+    mut redis: Option<&mut Proc>,
+    load: String,
+) -> anyhow::Result<SagaRun> {
     let http = reqwest::Client::new();
     let mut workers = Vec::new();
     for n in 0..spec.workers {
-        workers.push(stack.worker(&spec.worker, n).await?);
+        workers.push(stack.worker(worker_cfg, n).await?);
     }
     let tap = Tap::new(&stack.name("offboard.outcomes")).await?;
     let beam = beam_pid();
     let cpu0: Vec<(String, Option<f64>)> = [
         ("simulator".to_owned(), Some(stack.sim.pid)),
-        ("S3 (moto)".to_owned(), Some(stack.s3.pid)),
+        ("S3 server".to_owned(), Some(stack.s3.pid)),
         ("rabbitmq (beam.smp)".to_owned(), beam),
     ]
     .into_iter()
@@ -827,6 +981,16 @@ async fn saga_run_on(stack: &Stack, spec: &SagaSpec<'_>, load: String) -> anyhow
             sim_throttled: s.throttled,
             workers: w,
         });
+        if let Some(at) = spec.redis_stop_at
+            && started.elapsed() >= at
+            && let Some(r) = redis.take()
+        {
+            eprintln!(
+                "[bench]   Redis killed at {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            r.kill9();
+        }
         if tap.terminal() >= spec.employees.len() {
             break;
         }
@@ -856,6 +1020,17 @@ async fn saga_run_on(stack: &Stack, spec: &SagaSpec<'_>, load: String) -> anyhow
     // Let the counters settle, then read them.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sim = sim_stats(&http, &stack.sim_url).await?;
+    let mut s3_requests = 0.0;
+    let mut all_ready = true;
+    for w in &workers {
+        s3_requests += worker_sum(&http, &w.url, "offboard_s3_requests_total").await;
+        let ready = http
+            .get(format!("{}/readyz", w.url))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().as_u16() == 200);
+        all_ready &= ready;
+    }
     let mut worker_requests = 0.0;
     let mut worker_throttled = 0.0;
     let mut worker_cpu = Vec::new();
@@ -873,7 +1048,7 @@ async fn saga_run_on(stack: &Stack, spec: &SagaSpec<'_>, load: String) -> anyhow
         .filter_map(|(n, c0)| {
             let pid = match n.as_str() {
                 "simulator" => Some(stack.sim.pid),
-                "S3 (moto)" => Some(stack.s3.pid),
+                "S3 server" => Some(stack.s3.pid),
                 _ => beam,
             }?;
             Some((n, cpu_of(pid)? - c0?))
@@ -907,6 +1082,8 @@ async fn saga_run_on(stack: &Stack, spec: &SagaSpec<'_>, load: String) -> anyhow
         w.proc.stop(Duration::from_secs(30));
     }
     Ok(SagaRun {
+        s3_requests,
+        all_ready,
         wall,
         sagas: spec.employees.len(),
         completed,
@@ -1237,8 +1414,10 @@ async fn layoff(opts: &Opts, rep: &mut Report) -> anyhow::Result<Vec<SagaRun>> {
     let cfg = WorkerCfg {
         rps: R,
         burst: SIM_BURST,
-        in_flight: IN_FLIGHT,
-        prefetch: PREFETCH,
+        // Issue 18: the worker's default concurrency must deliver revoke-first.
+        in_flight: None,
+        prefetch: None,
+        redis: None,
     };
     let mut runs = Vec::new();
     for i in 0..opts.runs {
@@ -1253,9 +1432,11 @@ async fn layoff(opts: &Opts, rep: &mut Report) -> anyhow::Result<Vec<SagaRun>> {
                     rate_limit: Some((R, SIM_BURST)),
                 },
                 workers: 1,
-                worker: cfg,
+                worker: cfg.clone(),
                 employees: (1..=n).collect(),
                 timeout: Duration::from_secs(n / 2 + 120),
+                redis: false,
+                redis_stop_at: None,
             },
         )
         .await?;
@@ -1298,6 +1479,14 @@ async fn layoff(opts: &Opts, rep: &mut Report) -> anyhow::Result<Vec<SagaRun>> {
         .iter()
         .map(|r| r.sim.total as f64 / r.sagas as f64)
         .collect();
+    let s3_per_saga: Vec<f64> = runs
+        .iter()
+        .map(|r| r.s3_requests / r.sagas as f64)
+        .collect();
+    let cpu_per_saga: Vec<f64> = runs
+        .iter()
+        .map(|r| 1000.0 * r.worker_cpu.iter().sum::<f64>() / r.sagas as f64)
+        .collect();
     let cross: Vec<String> = runs
         .iter()
         .map(|r| {
@@ -1320,7 +1509,7 @@ async fn layoff(opts: &Opts, rep: &mut Report) -> anyhow::Result<Vec<SagaRun>> {
     );
     let _ = writeln!(
         m,
-        "Worker: 1 process, `cxone.rate_limit.requests_per_second={R}`, `burst={SIM_BURST}`, `worker.max_in_flight={IN_FLIGHT}`, `amqp.prefetch={PREFETCH}`, `guard.max_destructive_per_window=100000`. All {n} events are published (with confirms) before the clock matters; wall time = first publish → last terminal outcome seen on `offboard.outcomes`.\n"
+        "Worker: 1 process with the **default concurrency** (`worker.max_in_flight`, `amqp.prefetch`, `worker.housekeeping_max_in_flight` and `amqp.housekeeping_prefetch` not set), `cxone.rate_limit.requests_per_second={R}`, `burst={SIM_BURST}`, `guard.max_destructive_per_window=100000`. All {n} events are published (with confirms) before the clock matters; wall time = first publish → last terminal outcome seen on `offboard.outcomes`. The revocation bound is the revocation requests (resolve, block login, logout, revoke keys, the verification re-read) divided by R: no leaver can be locked out sooner than that at this quota.\n"
     );
     let _ = writeln!(
         m,
@@ -1385,6 +1574,17 @@ async fn layoff(opts: &Opts, rep: &mut Report) -> anyhow::Result<Vec<SagaRun>> {
         m,
         "| time-to-complete p99 | — | {} | |",
         fmt_mmm(&p99c, 1, " s")
+    );
+    let _ = writeln!(
+        m,
+        "| S3 requests per saga (worker `offboard_s3_requests_total`) | — | {} | |",
+        fmt_mmm(&s3_per_saga, 1, "")
+    );
+    let _ = writeln!(
+        m,
+        "| worker CPU per saga (utime+stime / sagas) | ≤ 2 ms | {} | {} |",
+        fmt_mmm(&cpu_per_saga, 2, " ms"),
+        verdict(mmm(&cpu_per_saga).0 <= 2.0)
     );
     let _ = writeln!(
         m,
@@ -1512,6 +1712,18 @@ async fn layoff(opts: &Opts, rep: &mut Report) -> anyhow::Result<Vec<SagaRun>> {
         Some(mrr <= 1.1),
     );
     rep.row(
+        "1. Layoff S3 requests per saga",
+        "—",
+        fmt_mmm(&s3_per_saga, 1, ""),
+        None,
+    );
+    rep.row(
+        "1. Layoff worker CPU per saga",
+        "≤ 2 ms",
+        fmt_mmm(&cpu_per_saga, 2, " ms"),
+        Some(mmm(&cpu_per_saga).0 <= 2.0),
+    );
+    rep.row(
         "5b. Peak RSS during the layoff",
         "< 128 MiB",
         fmt_mmm(&hwm, 1, " MiB"),
@@ -1535,7 +1747,7 @@ async fn scaleout(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         m0,
-        "| processes | utilisation (target ≥ 0.90) | 429 share (target < 2 %) | wall time | sim total / worker total requests | S3 server (moto) CPU, cores | machine before |\n|---|---|---|---|---|---|---|"
+        "| processes | utilisation (target ≥ 0.90) | 429 share (target < 2 %) | wall time | sim total / worker total requests | S3 server CPU, cores | machine before |\n|---|---|---|---|---|---|---|"
     );
     let mut plots = Vec::new();
     // `BENCH_SCALEOUT_PROCS=4` (a tuning aid): only those process counts.
@@ -1564,11 +1776,14 @@ async fn scaleout(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
                     worker: WorkerCfg {
                         rps: 2.0 * R,
                         burst: SIM_BURST,
-                        in_flight: IN_FLIGHT,
-                        prefetch: PREFETCH,
+                        in_flight: Some(IN_FLIGHT),
+                        prefetch: Some(PREFETCH),
+                        redis: None,
                     },
                     employees: (1..=n).collect(),
                     timeout: Duration::from_secs(n / 2 + 120),
+                    redis: false,
+                    redis_stop_at: None,
                 },
             )
             .await?;
@@ -1736,6 +1951,336 @@ fn rate_chart(
     Ok(rel)
 }
 
+/// Issue 18: 1, 2, 4 and 8 worker processes sharing one tenant quota through Redis
+/// (`cxone.rate_limit.redis_url`), each configured with the tenant-wide R and the worker's
+/// default concurrency. Utilisation, 429s and the revocation bound across all replicas.
+async fn shared_quota(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
+    let n: u64 = if opts.quick { 200 } else { 1000 };
+    let counts: Vec<usize> = std::env::var("BENCH_QUOTA_PROCS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 4, 8]);
+    let _ = writeln!(
+        rep.md,
+        "\n## 7. One quota shared through Redis: 1, 2, 4 and 8 worker processes, R = {R} req/s tenant-wide\n"
+    );
+    let _ = writeln!(
+        rep.md,
+        "{n} terminations (20 contacts each) per run, shared by the processes through the two queues. Every process: `requests_per_second={R}` (the tenant-wide rate: the bucket is in Redis), `burst={SIM_BURST}`, `redis_url` = a Redis of the run's own, default concurrency. Utilisation = requests the simulator accepted (non-429) / (R × wall time). The revocation bound = revocation requests / R.\n"
+    );
+    let _ = writeln!(
+        rep.md,
+        "| processes | utilisation (target ≥ 0.95) | 429 share (target ≤ 0.5 %) | p99 time-to-revoke / revocation bound (target ≤ 1.1) | wall time | S3 requests per saga | worker CPU per saga (target ≤ 2 ms) | machine before |\n|---|---|---|---|---|---|---|---|"
+    );
+    let mut plots = Vec::new();
+    let last = counts.last().copied().unwrap_or(1);
+    for procs in counts {
+        let mut runs = Vec::new();
+        for i in 0..opts.runs {
+            eprintln!(
+                "[bench] shared quota, {procs} process(es), run {}/{}",
+                i + 1,
+                opts.runs
+            );
+            let r = saga_run(opts, &quota_spec(n, procs, None)).await?;
+            eprintln!(
+                "[bench]   wall {:.1}s accepted {} 429 {} util {:.3} p99 ttr {:.1}s bound {:.1}s",
+                r.wall,
+                r.sim.total - r.sim.throttled,
+                r.sim.throttled,
+                (r.sim.total - r.sim.throttled) as f64 / (R * r.wall),
+                percentile(&r.ttr, 99.0),
+                r.sim.revoke_requests() as f64 / R
+            );
+            if std::env::var_os("BENCH_TRACE").is_some() {
+                trace(&r);
+            }
+            runs.push(r);
+        }
+        let f = QuotaFigures::of(&runs);
+        let label = format!("7. Shared quota, {procs} process(es)");
+        rep.row(
+            &format!("{label}: utilisation"),
+            "≥ 0.95",
+            fmt_mmm(&f.util, 3, ""),
+            Some(mmm(&f.util).0 >= 0.95),
+        );
+        rep.row(
+            &format!("{label}: 429 share"),
+            "≤ 0.5 %",
+            fmt_mmm(&f.throttled, 2, " %"),
+            Some(mmm(&f.throttled).0 <= 0.5),
+        );
+        rep.row(
+            &format!("{label}: p99 time-to-revoke / revocation bound"),
+            "≤ 1.1",
+            fmt_mmm(&f.ttr_ratio, 3, ""),
+            Some(mmm(&f.ttr_ratio).0 <= 1.1),
+        );
+        let _ = writeln!(
+            rep.md,
+            "| {procs} | {} {} | {} {} | {} {} | {} | {} | {} {} | {} |",
+            fmt_mmm(&f.util, 3, ""),
+            verdict(mmm(&f.util).0 >= 0.95),
+            fmt_mmm(&f.throttled, 2, " %"),
+            verdict(mmm(&f.throttled).0 <= 0.5),
+            fmt_mmm(&f.ttr_ratio, 3, ""),
+            verdict(mmm(&f.ttr_ratio).0 <= 1.1),
+            fmt_mmm(&f.walls, 1, " s"),
+            fmt_mmm(&f.s3_per_saga, 1, ""),
+            fmt_mmm(&f.cpu_ms, 2, " ms"),
+            verdict(mmm(&f.cpu_ms).0 <= 2.0),
+            runs.iter()
+                .map(|r| r.load.split(' ').next().unwrap_or("").to_owned())
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        if procs == last
+            && let Some(r) = runs.get(median_index(&f.util))
+        {
+            plots.extend(quota_plots(rep, r, procs, "quota")?);
+        }
+    }
+    rep.md.push('\n');
+    for p in plots {
+        rep.md.push_str(&p);
+        rep.md.push('\n');
+    }
+    Ok(())
+}
+
+/// Issue 18: the shared-quota run with its Redis killed 10 s in (and left down): every
+/// process falls back to its own limiter at its share of R.
+async fn quota_redis_down(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
+    let n: u64 = if opts.quick { 200 } else { 1000 };
+    let procs = 4;
+    let at = Duration::from_secs(10);
+    let mut runs = Vec::new();
+    for i in 0..opts.runs {
+        eprintln!(
+            "[bench] shared quota, Redis killed at {}s, {procs} processes, run {}/{}",
+            at.as_secs(),
+            i + 1,
+            opts.runs
+        );
+        let r = saga_run(opts, &quota_spec(n, procs, Some(at))).await?;
+        eprintln!(
+            "[bench]   wall {:.1}s completed {} of {} 429 {} of {} ready {}",
+            r.wall, r.completed, r.sagas, r.sim.throttled, r.sim.total, r.all_ready
+        );
+        if std::env::var_os("BENCH_TRACE").is_some() {
+            trace(&r);
+        }
+        runs.push(r);
+    }
+    let f = QuotaFigures::of(&runs);
+    let lost: Vec<f64> = runs
+        .iter()
+        .map(|r| r.sagas.saturating_sub(r.completed + r.failed + r.held) as f64)
+        .collect();
+    let ready = runs.iter().all(|r| r.all_ready);
+    let _ = writeln!(
+        rep.md,
+        "\n## 8. The shared quota with Redis killed {} s into the run: {procs} processes, R = {R} req/s\n",
+        at.as_secs()
+    );
+    let _ = writeln!(
+        rep.md,
+        "As section 7 with {procs} processes; `kill -9` of the run's Redis {} s after the first publish, left down. Each process falls back to its own adaptive limiter at R / (replicas it last saw in Redis) within a second (`offboard_quota_shared` 0) and keeps going.\n",
+        at.as_secs()
+    );
+    let _ = writeln!(
+        rep.md,
+        "| metric | target | measured: median (min–max) of {} runs | |\n|---|---|---|---|",
+        runs.len()
+    );
+    let (ml, ..) = mmm(&lost);
+    let _ = writeln!(
+        rep.md,
+        "| sagas without a terminal outcome | 0 | {} | {} |",
+        fmt_mmm(&lost, 0, ""),
+        verdict(ml == 0.0)
+    );
+    let _ = writeln!(
+        rep.md,
+        "| 429 share | ≤ 5 % | {} | {} |",
+        fmt_mmm(&f.throttled, 2, " %"),
+        verdict(mmm(&f.throttled).0 <= 5.0)
+    );
+    let _ = writeln!(
+        rep.md,
+        "| every worker ready (`/readyz` 200) at the end | yes | {} | {} |",
+        if ready { "yes" } else { "no" },
+        verdict(ready)
+    );
+    let _ = writeln!(
+        rep.md,
+        "| utilisation | — | {} | |",
+        fmt_mmm(&f.util, 3, "")
+    );
+    let _ = writeln!(
+        rep.md,
+        "| p99 time-to-revoke / revocation bound | — | {} | |",
+        fmt_mmm(&f.ttr_ratio, 3, "")
+    );
+    let _ = writeln!(
+        rep.md,
+        "| wall time | — | {} | |",
+        fmt_mmm(&f.walls, 1, " s")
+    );
+    let label = "8. Shared quota, Redis killed at 10 s";
+    rep.row(
+        &format!("{label}: sagas lost"),
+        "0",
+        fmt_mmm(&lost, 0, ""),
+        Some(ml == 0.0),
+    );
+    rep.row(
+        &format!("{label}: 429 share"),
+        "≤ 5 %",
+        fmt_mmm(&f.throttled, 2, " %"),
+        Some(mmm(&f.throttled).0 <= 5.0),
+    );
+    rep.row(
+        &format!("{label}: every worker ready"),
+        "yes",
+        (if ready { "yes" } else { "no" }).to_owned(),
+        Some(ready),
+    );
+    if let Some(r) = runs.get(median_index(&f.util)) {
+        for p in quota_plots(rep, r, procs, "quota-redis-down")? {
+            rep.md.push('\n');
+            rep.md.push_str(&p);
+        }
+        rep.md.push('\n');
+    }
+    Ok(())
+}
+
+fn quota_spec(n: u64, procs: usize, redis_stop_at: Option<Duration>) -> SagaSpec<'static> {
+    SagaSpec {
+        tag: "quota",
+        sim: SimArgs {
+            users: n,
+            interactions: 20,
+            rate_limit: Some((R, SIM_BURST)),
+        },
+        workers: procs,
+        worker: WorkerCfg {
+            rps: R,
+            burst: SIM_BURST,
+            in_flight: None,
+            prefetch: None,
+            redis: None,
+        },
+        employees: (1..=n).collect(),
+        timeout: Duration::from_secs(n / 2 + 180),
+        redis: true,
+        redis_stop_at,
+    }
+}
+
+/// Per-run figures of a shared-quota workload.
+struct QuotaFigures {
+    util: Vec<f64>,
+    throttled: Vec<f64>,
+    ttr_ratio: Vec<f64>,
+    walls: Vec<f64>,
+    s3_per_saga: Vec<f64>,
+    cpu_ms: Vec<f64>,
+}
+
+impl QuotaFigures {
+    fn of(runs: &[SagaRun]) -> Self {
+        Self {
+            util: runs
+                .iter()
+                .map(|r| (r.sim.total - r.sim.throttled) as f64 / (R * r.wall))
+                .collect(),
+            throttled: runs
+                .iter()
+                .map(|r| 100.0 * r.sim.throttled as f64 / r.sim.total.max(1) as f64)
+                .collect(),
+            ttr_ratio: runs
+                .iter()
+                .map(|r| percentile(&r.ttr, 99.0) / (r.sim.revoke_requests() as f64 / R))
+                .collect(),
+            walls: runs.iter().map(|r| r.wall).collect(),
+            s3_per_saga: runs
+                .iter()
+                .map(|r| r.s3_requests / r.sagas as f64)
+                .collect(),
+            cpu_ms: runs
+                .iter()
+                .map(|r| 1000.0 * r.worker_cpu.iter().sum::<f64>() / r.sagas as f64)
+                .collect(),
+        }
+    }
+}
+
+/// The rate per process over time and the time-to-revoke CDF of one run.
+fn quota_plots(rep: &Report, r: &SagaRun, procs: usize, file: &str) -> anyhow::Result<Vec<String>> {
+    let per_proc: Vec<Vec<(f64, f64)>> = (0..procs)
+        .map(|p| {
+            r.samples
+                .iter()
+                .map(|s| (s.t, s.workers.get(p).map_or(0.0, |w| w.0 - w.1)))
+                .collect()
+        })
+        .collect();
+    let sim: Vec<(f64, f64, f64)> = r
+        .samples
+        .iter()
+        .map(|s| {
+            (
+                s.t,
+                (s.sim_total - s.sim_throttled) as f64,
+                s.sim_throttled as f64,
+            )
+        })
+        .collect();
+    let rate_rel = rate_chart(
+        rep,
+        &format!("{file}-{procs}-rate.svg"),
+        &format!("Shared quota: {procs} process(es), one bucket in Redis, R = {R}"),
+        "seconds since the first publish",
+        &per_proc,
+        &sim,
+    )?;
+    let (cdf_path, cdf_rel) = rep.svg(&format!("{file}-{procs}-cdf.svg"));
+    let bound = 1.1 * r.sim.revoke_requests() as f64 / R;
+    svg_chart(
+        &cdf_path,
+        &format!("Shared quota, {procs} process(es): CDF of time from publish"),
+        "seconds since the event was published",
+        "share of sagas",
+        &[
+            Series {
+                name: "time-to-revoke".into(),
+                color: COLORS[1],
+                points: cdf(&r.ttr),
+                dashed: false,
+            },
+            Series {
+                name: "time-to-complete".into(),
+                color: COLORS[0],
+                points: cdf(&r.ttc),
+                dashed: false,
+            },
+            Series {
+                name: "target: 1.1 × revocation requests / R".into(),
+                color: COLORS[5],
+                points: vec![(bound, 0.0), (bound, 1.0)],
+                dashed: true,
+            },
+        ],
+    )?;
+    Ok(vec![
+        format!("![{procs} process(es): request rate per process]({rate_rel})\n"),
+        format!("![{procs} process(es): time-to-revoke CDF]({cdf_rel})\n"),
+    ])
+}
+
 async fn overhead(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
     let n: u64 = if opts.quick { 400 } else { 2000 };
     let mut runs = Vec::new();
@@ -1758,11 +2303,14 @@ async fn overhead(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
                 worker: WorkerCfg {
                     rps: 100_000.0,
                     burst: 1000,
-                    in_flight: IN_FLIGHT,
-                    prefetch: PREFETCH,
+                    in_flight: Some(IN_FLIGHT),
+                    prefetch: Some(PREFETCH),
+                    redis: None,
                 },
                 employees: (1..=n).collect(),
                 timeout: Duration::from_secs(n / 4 + 120),
+                redis: false,
+                redis_stop_at: None,
             },
         )
         .await?;
@@ -1894,11 +2442,14 @@ async fn memory(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
                 worker: WorkerCfg {
                     rps: 100_000.0,
                     burst: 1000,
-                    in_flight: 32,
-                    prefetch: 32,
+                    in_flight: None,
+                    prefetch: None,
+                    redis: None,
                 },
                 employees: vec![1],
                 timeout: Duration::from_secs(900),
+                redis: false,
+                redis_stop_at: None,
             },
         )
         .await?;
@@ -1961,8 +2512,9 @@ async fn startup(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
     let cfg = WorkerCfg {
         rps: R,
         burst: SIM_BURST,
-        in_flight: 32,
-        prefetch: 32,
+        in_flight: None,
+        prefetch: None,
+        redis: None,
     };
     let mut times = Vec::new();
     let mut err = None;
@@ -2228,6 +2780,12 @@ fn main() -> anyhow::Result<()> {
         if opts.wants("scaleout") {
             scaleout(&opts, &mut rep).await?;
         }
+        if opts.wants("quota") {
+            shared_quota(&opts, &mut rep).await?;
+        }
+        if opts.wants("quota-down") {
+            quota_redis_down(&opts, &mut rep).await?;
+        }
         if opts.wants("overhead") {
             overhead(&opts, &mut rep).await?;
         }
@@ -2242,7 +2800,9 @@ fn main() -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     });
-    let _ = std::fs::remove_dir_all(&opts.work);
+    if std::env::var_os("BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&opts.work);
+    }
     result?;
     let mut md = String::new();
     let title = if opts.quick {
@@ -2277,7 +2837,7 @@ fn main() -> anyhow::Result<()> {
     let _ = writeln!(md, "\n## Machine and versions\n\n{}", machine());
     let _ = writeln!(
         md,
-        "## Reproduce\n\n```sh\nmake bench         # all workloads, 3 runs each; writes BENCHMARKS.md and docs/bench/*.svg (~40 min)\nmake bench-quick   # scaled down, 1 run each; writes target/bench-quick/ (~3 min)\n# one workload: scripts/bench.sh --only layoff   (layoff,client,scaleout,overhead,memory,startup,simtp)\n```\n\n`scripts/bench.sh` starts RabbitMQ and installs moto if needed (`scripts/services.sh up`), then runs `cargo bench --bench offboard -- ARGS`. Each run uses a fresh moto instance and bucket, random broker-name prefixes (deleted afterwards), its own simulator process, and waits (≤ 30 s) for the machine to be quiet first (≥ 90 % of the CPU idle over one second).\n"
+        "## Reproduce\n\n```sh\nmake bench         # all workloads, 3 runs each; writes BENCHMARKS.md and docs/bench/*.svg (~40 min)\nmake bench-quick   # scaled down, 1 run each; writes target/bench-quick/ (~3 min)\n# one workload: scripts/bench.sh --only layoff   (layoff,client,scaleout,quota,quota-down,overhead,memory,startup,simtp)\n```\n\n`scripts/bench.sh` starts RabbitMQ and installs moto if needed (`scripts/services.sh up`), then runs `cargo bench --bench offboard -- ARGS`. Each run uses a fresh moto instance and bucket, random broker-name prefixes (deleted afterwards), its own simulator process, and waits (≤ 30 s) for the machine to be quiet first (≥ 90 % of the CPU idle over one second).\n"
     );
     md.push_str(&rep.md);
     md.push('\n');

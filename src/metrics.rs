@@ -82,6 +82,7 @@ pub struct Metrics {
     cxone_credentials_rejected: Gauge,
     cxone_breaker_open: Gauge,
     quota_shared: Gauge,
+    intake_paused: Gauge,
     quota_replicas: Gauge,
     quota_fallbacks: Counter,
     sagas_handed_over: Counter,
@@ -162,6 +163,13 @@ impl Metrics {
             "Deliveries dead-lettered by the worker, by error class",
             dead_lettered.clone(),
         );
+        // Every class and status exists from the start at 0, so rate() and increase() see the
+        // first dead letter or failure of each.
+        for class in ["invalid", "permanent", "exhausted", "guard"] {
+            let _ = dead_lettered.get_or_create(&ClassLabel {
+                class: class.to_owned(),
+            });
+        }
         let in_flight = Family::<StageLabel, Gauge>::default();
         registry.register(
             "in_flight",
@@ -212,6 +220,18 @@ impl Metrics {
         );
         let sagas = Family::<StatusLabel, Counter>::default();
         registry.register("sagas", "Sagas finished, by final status", sagas.clone());
+        for status in [
+            "DELETED",
+            "DEACTIVATED_ONLY",
+            "ALREADY_ABSENT",
+            "FAILED",
+            "COMPENSATED",
+            "PLANNED",
+        ] {
+            let _ = sagas.get_or_create(&StatusLabel {
+                status: status.to_owned(),
+            });
+        }
         let sagas_parked = Counter::default();
         registry.register(
             "sagas_parked",
@@ -274,6 +294,12 @@ impl Metrics {
             "1 while CXone tokens come from the shared bucket in Redis, 0 on the local limiter",
             quota_shared.clone(),
         );
+        let intake_paused = Gauge::default();
+        registry.register(
+            "intake_paused",
+            "1 while the worker takes no deliveries on purpose (CXone circuit open or access key refused); the broker connection is closed meanwhile",
+            intake_paused.clone(),
+        );
         let quota_replicas = Gauge::default();
         registry.register(
             "quota_replicas",
@@ -323,6 +349,7 @@ impl Metrics {
             oldest_unrevoked,
             unrevoked: Arc::default(),
             quota_shared,
+            intake_paused,
             quota_replicas,
             quota_fallbacks,
             cxone_credentials_rejected,
@@ -516,6 +543,9 @@ impl Metrics {
     }
     pub fn quota_shared(&self, shared: bool) {
         self.quota_shared.set(i64::from(shared));
+    }
+    pub fn intake_paused(&self, paused: bool) {
+        self.intake_paused.set(i64::from(paused));
     }
     pub fn quota_replicas(&self, replicas: usize) {
         self.quota_replicas

@@ -180,11 +180,14 @@ impl<H: Handler> Consumer<H> {
             if let (Some(p), Some(why)) = (pause.as_mut(), why) {
                 info!(%why, "consumption paused; waiting to resume");
                 self.readiness.set_paused(Some(why));
+                self.metrics.broker_up(false);
+                self.metrics.intake_paused(true);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = p.wait_for(Option::is_none) => {}
                 }
                 info!("consumption resumes");
+                self.metrics.intake_paused(false);
             }
             match self.session(&shutdown, sessions).await {
                 Ok(SessionEnd::Shutdown) => break,

@@ -149,7 +149,13 @@ pub async fn admit_all<S: Store>(
     settings: &GuardSettings,
     saga_ids: &[String],
 ) -> Result<Vec<bool>, GuardError> {
-    for attempt in 0..64u32 {
+    // Every replica admits through this one object: under contention, back off (jittered,
+    // growing) for up to ADMIT_PATIENCE rather than a fixed number of attempts; the sagas
+    // that arrive meanwhile join the next batch of this process.
+    let deadline = tokio::time::Instant::now() + ADMIT_PATIENCE;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
         let now = Utc::now();
         let (mut window, write) = match store.get(WINDOW_KEY).await? {
             Some(obj) => (parse(&obj.body)?, Write::Replace(obj.etag)),
@@ -183,19 +189,26 @@ pub async fn admit_all<S: Store>(
             Ok(_) => return Ok(results),
             Err(StoreError::Conflict { .. }) => {
                 // Someone else admitted a saga meanwhile: read again, after a jittered pause.
-                let cap = 5 * u64::from(attempt.min(10) + 1);
-                let ms = rand::rng().random_range(1..=cap);
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(GuardError::Store(StoreError::Transient {
+                        op: "PUT",
+                        key: WINDOW_KEY.to_owned(),
+                        message: format!(
+                            "too much contention on the guard window ({attempt} attempts)"
+                        ),
+                    }));
+                }
+                let cap = 10 * u64::from(attempt.min(8)).pow(2);
+                let ms = rand::rng().random_range(1..=cap.max(2));
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
             Err(e) => return Err(e.into()),
         }
     }
-    Err(GuardError::Store(StoreError::Transient {
-        op: "PUT",
-        key: WINDOW_KEY.to_owned(),
-        message: "too much contention on the guard window".to_owned(),
-    }))
 }
+
+/// How long one admission may contend for the guard window before the saga parks.
+const ADMIT_PATIENCE: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {

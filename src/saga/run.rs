@@ -64,6 +64,32 @@ impl<C: Cxone, S: Store> Run<'_, C, S> {
         journal::save(self.deps.store.as_ref(), &mut self.stored).await
     }
 
+    /// Gives up this delivery's lease when it ends with the saga unfinished (parked, deferred,
+    /// requeued): another replica may take the saga at once instead of waiting for the lease
+    /// to expire — a live session says nothing about a delivery that has ended.
+    pub(crate) async fn release(&mut self) {
+        if !self.leased {
+            return;
+        }
+        self.leased = false;
+        let mine = self.delivery.holder.to_string();
+        if self
+            .stored
+            .journal
+            .lease
+            .as_ref()
+            .is_none_or(|l| l.owner != mine)
+        {
+            return;
+        }
+        self.stored.journal.lease = None;
+        if let Err(e) = self.write().await {
+            // A conflict means someone else wrote since: the lease is not ours to clear. Any
+            // other failure leaves it to expire.
+            tracing::info!(error = %e, "could not release the saga's lease");
+        }
+    }
+
     /// Writes the journal holding (or renewing) this delivery's lease. Steps call this to make
     /// progress durable (before-images, archive parts).
     pub async fn save(&mut self) -> Result<(), StoreError> {

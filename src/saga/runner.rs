@@ -118,7 +118,7 @@ async fn terminate<C: Cxone, S: Store, O: Outcomes>(
         conflicts: 0,
         started: tokio::time::Instant::now(),
     };
-    match arrival {
+    let verdict = match arrival {
         Arrival::New => {
             run.stored.journal.sla = Some(sla(deps.settings.sla.revoke_within_secs, t, now));
             if due {
@@ -128,7 +128,9 @@ async fn terminate<C: Cxone, S: Store, O: Outcomes>(
             }
         }
         Arrival::Republish(kind) => {
-            let j = loaded.map(|s| s.journal).unwrap_or(run.stored.journal);
+            let j = loaded
+                .map(|s| s.journal)
+                .unwrap_or_else(|| run.stored.journal.clone());
             info!(state = ?j.state, "saga already finished; publishing its outcome again");
             republish(deps, &j, kind, outcomes).await
         }
@@ -162,7 +164,14 @@ async fn terminate<C: Cxone, S: Store, O: Outcomes>(
             run.stored = stored;
             run.drive(outcomes).await
         }
+    };
+    if matches!(
+        verdict,
+        Verdict::Park { .. } | Verdict::Defer { .. } | Verdict::Requeue | Verdict::Wait
+    ) {
+        run.release().await;
     }
+    verdict
 }
 
 /// Conflicts one delivery resolves before it steps aside.
@@ -335,9 +344,12 @@ impl<C: Cxone, S: Store> Run<'_, C, S> {
                 warn!(%why, "mass-deletion guard window unreadable; holding the saga");
                 Some(self.hold(outcomes).await)
             }
-            Err(super::guard::GuardError::Store(e)) => Some(Verdict::Park {
-                reason: format!("mass-deletion guard: {e}"),
-            }),
+            Err(super::guard::GuardError::Store(e)) => {
+                warn!(error = %e, "mass-deletion guard window not writable now; parking the saga");
+                Some(Verdict::Park {
+                    reason: format!("mass-deletion guard: {e}"),
+                })
+            }
         }
     }
 

@@ -812,6 +812,29 @@ async fn a_lease_of_a_live_holder_waits_and_one_of_a_gone_holder_is_taken_at_onc
     assert_eq!(run(d, &e, Stage::Access, &out).await, Verdict::HandOver);
 }
 
+/// Defect (issue 18 bench, four replicas): a delivery that parked outside a step (the guard
+/// window could not be written) kept its lease, and every other replica's delivery of the
+/// saga waited for it — the holder's session was alive — until the lease expired (300 s).
+#[tokio::test]
+async fn a_delivery_that_parks_gives_up_its_lease_so_another_replica_goes_on_at_once() {
+    let w = deps(FakeCxone::with_user("E1", 1001));
+    let d = &w.deps;
+    let out = Collected::default();
+    let e = event("ev1", "E1", "");
+    d.store.fail_writes(Some("guard/"));
+    let first = runner::run(d, &e, &delivery("replica-a", Stage::Access, 0), &out).await;
+    assert!(matches!(first, Verdict::Park { .. }), "{first:?}");
+    assert!(
+        stored(d, &e).await.lease.is_none(),
+        "the parked delivery's lease is gone"
+    );
+    d.store.fail_writes(None);
+    // Replica A is alive; its delivery has ended. Replica B takes the saga at once.
+    let b = other_process(&w);
+    let second = runner::run(&b, &e, &delivery("replica-b", Stage::Access, 1), &out).await;
+    assert_eq!(second, Verdict::HandOver);
+}
+
 #[tokio::test]
 async fn draining_parks_between_steps() {
     let w = deps(FakeCxone::with_user("E1", 1001));

@@ -18,6 +18,8 @@ pub struct Memory {
     counter: AtomicU64,
     /// Requests by operation (`GET`, `PUT`, `LIST`, …), as the S3 store counts them.
     requests: Mutex<BTreeMap<&'static str, u64>>,
+    /// Writes to keys under this prefix fail as a flaky S3 would (a transient error).
+    failing: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -47,6 +49,11 @@ impl Memory {
         lock(&self.uploads).keys().cloned().collect()
     }
 
+    /// Makes every write under `prefix` fail (transient) until called with `None`.
+    pub fn fail_writes(&self, prefix: Option<&str>) {
+        *lock(&self.failing) = prefix.map(str::to_owned);
+    }
+
     /// Replaces an object's body behind everyone's back (a tamperer, in tests).
     pub fn overwrite(&self, key: &str, body: Bytes) {
         let version = self.next();
@@ -71,6 +78,16 @@ impl Store for Memory {
         write: Write,
     ) -> Result<String, StoreError> {
         self.count("PUT");
+        if lock(&self.failing)
+            .as_deref()
+            .is_some_and(|p| key.starts_with(p))
+        {
+            return Err(StoreError::Transient {
+                op: "PUT",
+                key: key.to_owned(),
+                message: "injected failure".to_owned(),
+            });
+        }
         let version = self.next();
         let mut objects = lock(&self.objects);
         let current = objects.get(key).map(|(_, v)| format!("\"{v}\""));

@@ -10,9 +10,15 @@ What is checked, for every values file in helm/values-tests/:
 - secrets are never inlined in the ConfigMap, and reach the worker only from the Secret;
 - the rendered config.toml parses and uses only keys config/default.toml knows, and (when a
   built binary is at hand; this never builds one) `cxone-offboard check` accepts it;
-- the KEDA ScaledObject targets the Deployment and the requests queue (offboard.requests),
-  with queue length = max_in_flight and auth from the same Secret key as the AMQP URL
-  (KEDA and Prometheus-operator objects are not in kubernetes-validate's schemas).
+- the KEDA ScaledObject targets the Deployment and both stages' queues (offboard.requests,
+  offboard.housekeeping), with queue lengths = the in-flight limits and auth from the same
+  Secret key as the AMQP URL (KEDA and Prometheus-operator objects are not in
+  kubernetes-validate's schemas);
+- the optional secret keys (redis-url of the shared quota, amqp-control-key) reach the worker
+  only from the Secret, and only when set (or optional, with existingSecret);
+- the ServiceMonitor, PrometheusRule and Grafana dashboard ConfigMap are absent by default and,
+  when enabled, carry files/alerts.yaml and files/dashboard.json with this release's job,
+  namespace, queue names and runbook URL; every alert has a unit test and a runbook section.
 And that bad values fail: a wrong type, a typo, a secret in `config`, missing secrets.
 """
 
@@ -23,9 +29,9 @@ import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import tomllib
-import warnings
 from pathlib import Path
 
 import pytest
@@ -113,8 +119,15 @@ def one(docs, kind: str) -> dict:
     return found[0]
 
 
+def config_map(docs) -> dict:
+    """The worker's ConfigMap (config.toml); the dashboard has its own."""
+    found = [d for d in by_kind(docs, "ConfigMap") if "config.toml" in d.get("data", {})]
+    assert len(found) == 1, f"expected one ConfigMap with config.toml, found {len(found)}"
+    return found[0]
+
+
 def rendered_config(docs) -> dict:
-    return tomllib.loads(one(docs, "ConfigMap")["data"]["config.toml"])
+    return tomllib.loads(config_map(docs)["data"]["config.toml"])
 
 
 def pod_specs(docs) -> list[tuple[str, dict]]:
@@ -149,7 +162,7 @@ params = pytest.mark.parametrize("values_file", VALUES_FILES, ids=lambda p: p.st
 
 def test_values_files_exist():
     names = {p.stem for p in VALUES_FILES}
-    assert {"defaults", "keda-off", "existing-secret", "network-policy"} <= names
+    assert {"defaults", "keda-off", "existing-secret", "network-policy", "monitoring"} <= names
 
 
 # --- security ------------------------------------------------------------------------------
@@ -241,7 +254,9 @@ def test_config_toml_uses_known_keys(values_file):
     known = set(flatten(tomllib.loads((ROOT / "config" / "default.toml").read_text())))
     # Keys default.toml leaves commented out (unset by default).
     known |= {"s3.endpoint", "cxone.api_base_url", "cxone.auth_base_url", "cxone.scim_base_url",
-              "cxone.access_key_secret_file"}
+              "cxone.access_key_secret_file", "cxone.rate_limit.redis_key",
+              "cxone.rate_limit.redis_url_file", "amqp.control_key_file",
+              "s3.object_lock_mode", "s3.object_lock_days"}
     rendered = flatten(rendered_config(render_file(values_file)))
     for key in rendered:
         generic = re.sub(r"^hris\.endpoints\.[a-z0-9_]+\.", "hris.endpoints.*.", key)
@@ -271,15 +286,17 @@ def test_rendered_config_loads_in_the_worker(values_file, tmp_path):
         pytest.skip("no built cxone-offboard binary (target/*/cxone-offboard or CXONE_OFFBOARD_BIN)")
     docs = render_file(values_file)
     config_file = tmp_path / "config.toml"
-    config_file.write_text(one(docs, "ConfigMap")["data"]["config.toml"])
+    config_file.write_text(config_map(docs)["data"]["config.toml"])
     env = {"PATH": "/usr/bin:/bin", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "OFFBOARD__S3__ENDPOINT": "http://127.0.0.1:9",
            "OFFBOARD__CXONE__ISSUER": "http://127.0.0.1:9",
            "OFFBOARD__AMQP__RECONNECT_INITIAL_MS": "1", "OFFBOARD__AMQP__RECONNECT_MAX_MS": "1"}
+    plausible = {"OFFBOARD__AMQP__URL": "amqp://u:p@127.0.0.1:9/%2f",
+                 "OFFBOARD__CXONE__RATE_LIMIT__REDIS_URL": "redis://:p@127.0.0.1:9/0",
+                 "OFFBOARD__AMQP__CONTROL_KEY": "a-control-key-of-32-characters!!"}
     for var in worker_container(docs)["env"]:
         if "valueFrom" in var:  # what the Secret would provide
-            env[var["name"]] = "amqp://u:p@127.0.0.1:9/%2f" if var["name"] == "OFFBOARD__AMQP__URL" \
-                else "test-value"
+            env[var["name"]] = plausible.get(var["name"], "test-value")
     proc = subprocess.run([str(binary), "--config", str(config_file), "check"], env=env,
                           capture_output=True, text=True, timeout=60)
     first = (proc.stdout + proc.stderr).strip().splitlines()[0]
@@ -296,15 +313,17 @@ def test_chart_defaults_match_the_binary(tmp_path):
         if key in binary and key not in chart_only_overrides:
             assert value == binary[key], f"{key}: chart {value!r}, config/default.toml {binary[key]!r}"
     missing = sorted(k for k in binary if k not in chart and k != "amqp.url")
-    if missing:
-        warnings.warn(f"config/default.toml keys not exposed in values.yaml config: {missing}")
+    assert not missing, f"config/default.toml keys not in values.yaml config: {missing}"
 
 
 def test_max_in_flight_feeds_config_and_keda(tmp_path):
-    docs = render(tmp_path, REQUIRED_SECRETS, {"worker": {"maxInFlight": 7}})
+    docs = render(tmp_path, REQUIRED_SECRETS,
+                  {"worker": {"maxInFlight": 7, "housekeepingMaxInFlight": 3}})
     assert rendered_config(docs)["worker"]["max_in_flight"] == 7
-    trigger = one(docs, "ScaledObject")["spec"]["triggers"][0]
-    assert trigger["metadata"]["value"] == "7"
+    assert rendered_config(docs)["worker"]["housekeeping_max_in_flight"] == 3
+    requests, housekeeping = one(docs, "ScaledObject")["spec"]["triggers"]
+    assert requests["metadata"]["value"] == "7"
+    assert housekeeping["metadata"]["value"] == "3"
 
 
 def test_config_changes_roll_the_pods(tmp_path):
@@ -323,6 +342,21 @@ SECRET_ENV = {
     "OFFBOARD__CXONE__ACCESS_KEY_ID": "cxone-access-key-id",
     "OFFBOARD__CXONE__ACCESS_KEY_SECRET": "cxone-access-key-secret",
 }
+# Optional keys, and the value that puts each into the chart's Secret.
+OPTIONAL_SECRET_ENV = {
+    "OFFBOARD__CXONE__RATE_LIMIT__REDIS_URL": "redis-url",
+    "OFFBOARD__AMQP__CONTROL_KEY": "amqp-control-key",
+}
+OPTIONAL_SECRET_VALUES = {
+    "OFFBOARD__CXONE__RATE_LIMIT__REDIS_URL": ("quota", "redisUrl"),
+    "OFFBOARD__AMQP__CONTROL_KEY": ("secrets", "amqpControlKey"),
+}
+
+
+def dig(values: dict, *path: str):
+    for key in path:
+        values = (values or {}).get(key)
+    return values
 
 
 def secret_name(docs) -> str:
@@ -333,7 +367,7 @@ def secret_name(docs) -> str:
 @params
 def test_secrets_never_inlined_in_configmap(values_file):
     docs = render_file(values_file)
-    cm = one(docs, "ConfigMap")
+    cm = config_map(docs)
     text = json.dumps(cm["data"])
     config = flatten(rendered_config(docs))
     for key, value in config.items():
@@ -362,13 +396,27 @@ def test_secrets_reach_the_worker_from_the_secret_only(values_file):
     expected = dict(SECRET_ENV)
     expected.update({f"OFFBOARD__HRIS__ENDPOINTS__{n.upper()}__SECRET": f"hris-{n}-secret"
                      for n in endpoints})
+    # Optional keys: in the chart's Secret when set; with existingSecret, read when present.
+    existing = bool(values.get("existingSecret"))
+    optional = {var: key for var, key in OPTIONAL_SECRET_ENV.items()
+                if existing or dig(values, *OPTIONAL_SECRET_VALUES[var])}
     for _, spec in pod_specs(docs):
         for c in spec["containers"]:
             env = {e["name"]: e for e in c["env"]}
             for var, key in expected.items():
                 assert "value" not in env[var], f"{var} inlined"
                 assert env[var]["valueFrom"]["secretKeyRef"] == {"name": name, "key": key}
+            for var, key in OPTIONAL_SECRET_ENV.items():
+                if var not in optional:
+                    assert var not in env, f"{var} set although {key} is not"
+                    continue
+                assert "value" not in env[var], f"{var} inlined"
+                ref = {"name": name, "key": key}
+                if existing:
+                    ref["optional"] = True
+                assert env[var]["valueFrom"]["secretKeyRef"] == ref
             assert "envFrom" not in c
+    expected.update({} if existing else optional)
     secrets = by_kind(docs, "Secret")
     if values.get("existingSecret"):
         assert secrets == [], "existingSecret set, yet the chart rendered a Secret"
@@ -409,18 +457,23 @@ def test_keda_scaled_object(values_file):
     assert 0 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
     assert so["spec"]["cooldownPeriod"] >= 0 and so["spec"]["pollingInterval"] > 0
     assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
-    [trigger] = so["spec"]["triggers"]
     config = rendered_config(docs)
-    assert trigger["type"] == "rabbitmq"
-    assert trigger["metadata"]["queueName"] == "offboard.requests"
-    assert trigger["metadata"]["queueName"] == config["amqp"]["requests_queue"]
-    assert trigger["metadata"]["mode"] == "QueueLength"
-    assert trigger["metadata"]["protocol"] == "amqp", "host is the worker's AMQP URL"
-    assert trigger["metadata"]["value"] == str(config["worker"]["max_in_flight"])
-    assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA metadata are strings"
+    # One trigger per stage: the HPA takes the larger replica count of the two.
+    requests, housekeeping = so["spec"]["triggers"]
+    assert requests["metadata"]["queueName"] == config["amqp"]["requests_queue"]
+    assert housekeeping["metadata"]["queueName"] == config["amqp"]["housekeeping_queue"]
+    assert requests["metadata"]["value"] == str(config["worker"]["max_in_flight"])
+    assert housekeeping["metadata"]["value"] == str(config["worker"]["housekeeping_max_in_flight"])
+    assert {requests["name"], housekeeping["name"]} == {"access-removal", "housekeeping"}
     ta = one(docs, "TriggerAuthentication")
     assert ta["apiVersion"] == "keda.sh/v1alpha1"
-    assert trigger["authenticationRef"] == {"name": ta["metadata"]["name"]}
+    for trigger in (requests, housekeeping):
+        assert trigger["type"] == "rabbitmq"
+        assert trigger["metadata"]["mode"] == "QueueLength"
+        assert trigger["metadata"]["protocol"] == "amqp", "host is the worker's AMQP URL"
+        assert all(isinstance(v, str) for v in trigger["metadata"].values()), \
+            "KEDA metadata are strings"
+        assert trigger["authenticationRef"] == {"name": ta["metadata"]["name"]}
     [ref] = ta["spec"]["secretTargetRef"]
     env = {e["name"]: e for e in worker_container(docs)["env"]}
     amqp_ref = env["OFFBOARD__AMQP__URL"]["valueFrom"]["secretKeyRef"]
@@ -428,11 +481,20 @@ def test_keda_scaled_object(values_file):
     assert not by_kind(docs, "HorizontalPodAutoscaler"), "KEDA makes its own HPA"
 
 
+def test_keda_defaults_watch_the_contract_queues():
+    requests, housekeeping = one(render_file(VALUES_DIR / "defaults.yaml"),
+                                 "ScaledObject")["spec"]["triggers"]
+    assert requests["metadata"]["queueName"] == "offboard.requests"
+    assert housekeeping["metadata"]["queueName"] == "offboard.housekeeping"
+
+
 def test_queue_name_follows_config(tmp_path):
     docs = render(tmp_path, REQUIRED_SECRETS,
-                  {"config": {"amqp": {"requests_queue": "acme.offboard.requests"}}})
-    trigger = one(docs, "ScaledObject")["spec"]["triggers"][0]
-    assert trigger["metadata"]["queueName"] == "acme.offboard.requests"
+                  {"config": {"amqp": {"requests_queue": "acme.offboard.requests",
+                                       "housekeeping_queue": "acme.offboard.housekeeping"}}})
+    requests, housekeeping = one(docs, "ScaledObject")["spec"]["triggers"]
+    assert requests["metadata"]["queueName"] == "acme.offboard.requests"
+    assert housekeeping["metadata"]["queueName"] == "acme.offboard.housekeeping"
 
 
 def test_hpa_when_keda_is_off():
@@ -511,6 +573,224 @@ def test_replay_job_without_dry_run(tmp_path):
     assert args == ["--config", CONFIG_PATH, "replay", "--class", "invalid"]
 
 
+# --- shared quota and control key ----------------------------------------------------------
+
+def test_optional_secret_keys_absent_by_default():
+    docs = render_file(VALUES_DIR / "defaults.yaml")
+    env = {e["name"] for e in worker_container(docs)["env"]}
+    assert not env & set(OPTIONAL_SECRET_ENV), "no Redis URL or control key unless set"
+    assert not set(one(docs, "Secret")["data"]) & set(OPTIONAL_SECRET_ENV.values())
+    limits = rendered_config(docs)["cxone"]["rate_limit"]
+    assert "redis_key" not in limits and "redis_url" not in limits
+
+
+def test_shared_quota_and_control_key_from_the_chart_secret():
+    values = yaml.safe_load((VALUES_DIR / "monitoring.yaml").read_text())
+    docs = render_file(VALUES_DIR / "monitoring.yaml")
+    data = one(docs, "Secret")["data"]
+    redis_url = values["quota"]["redisUrl"]
+    assert base64.b64decode(data["redis-url"]).decode() == redis_url
+    assert base64.b64decode(data["amqp-control-key"]).decode() == values["secrets"]["amqpControlKey"]
+    env = {e["name"]: e for e in worker_container(docs)["env"]}
+    assert env["OFFBOARD__CXONE__RATE_LIMIT__REDIS_URL"]["valueFrom"]["secretKeyRef"] == \
+        {"name": "offboard-cxone-offboard", "key": "redis-url"}
+    # The URL carries a password: never in the ConfigMap, which gets only the key prefix.
+    text = config_map(docs)["data"]["config.toml"]
+    assert "redis://" not in text and "example-redis-password" not in text
+    assert rendered_config(docs)["cxone"]["rate_limit"]["redis_key"] == values["quota"]["redisKey"]
+    # A Redis URL changes the pods' environment: they roll.
+    annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    plain = one(render_file(VALUES_DIR / "defaults.yaml"), "Deployment")
+    assert annotations["checksum/secret"] != \
+        plain["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+
+
+def test_existing_secret_offers_the_optional_keys():
+    docs = render_file(VALUES_DIR / "existing-secret.yaml")
+    env = {e["name"]: e for e in worker_container(docs)["env"]}
+    for var, key in OPTIONAL_SECRET_ENV.items():
+        assert env[var]["valueFrom"]["secretKeyRef"] == \
+            {"name": "offboard-credentials", "key": key, "optional": True}
+
+
+def test_redis_url_with_existing_secret_fails(tmp_path):
+    err = render_fails(tmp_path, {"existingSecret": "mine", "quota": {"redisUrl": "redis://r:6379/0"}})
+    assert "key redis-url" in err, err
+
+
+def test_redis_egress_only_with_the_shared_quota():
+    def redis_rule(docs):
+        np = one(docs, "NetworkPolicy")
+        return [r for r in np["spec"]["egress"]
+                if {p["port"] for p in r.get("ports", [])} == {6379}]
+    assert redis_rule(render_file(VALUES_DIR / "monitoring.yaml"))
+    assert not redis_rule(render_file(VALUES_DIR / "network-policy.yaml"))
+
+
+# --- monitoring: ServiceMonitor, PrometheusRule, Grafana dashboard -------------------------
+
+ALERTS_FILE = CHART / "files" / "alerts.yaml"
+DASHBOARD_FILE = CHART / "files" / "dashboard.json"
+ALERTS_TEST = ROOT / "tests" / "prometheus" / "alerts_test.yaml"
+OPERATIONS_MD = ROOT / "docs" / "operations.md"
+
+
+def alert_rules(groups: list[dict]) -> dict[str, dict]:
+    return {r["alert"]: r for g in groups for r in g["rules"] if "alert" in r}
+
+
+def dashboard_of(docs) -> tuple[dict, dict]:
+    cms = [d for d in by_kind(docs, "ConfigMap") if "cxone-offboard.json" in d.get("data", {})]
+    assert len(cms) == 1, f"expected one dashboard ConfigMap, found {len(cms)}"
+    return cms[0], json.loads(cms[0]["data"]["cxone-offboard.json"])
+
+
+@pytest.mark.parametrize("values_file", [VALUES_DIR / "defaults.yaml", VALUES_DIR / "keda-off.yaml",
+                                         VALUES_DIR / "network-policy.yaml"], ids=lambda p: p.stem)
+def test_monitoring_objects_absent_by_default(values_file):
+    docs = render_file(values_file)
+    assert not by_kind(docs, "ServiceMonitor") and not by_kind(docs, "PrometheusRule")
+    assert not [d for d in by_kind(docs, "ConfigMap") if "cxone-offboard.json" in d.get("data", {})]
+
+
+def test_prometheus_rule_carries_the_alert_file():
+    docs = render_file(VALUES_DIR / "monitoring.yaml")
+    rule = one(docs, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    source = alert_rules(yaml.safe_load(ALERTS_FILE.read_text())["groups"])
+    rendered = alert_rules(rule["spec"]["groups"])
+    assert rendered.keys() == source.keys()
+    service = one(docs, "Service")["metadata"]["name"]
+    for name, r in rendered.items():
+        expr = r["expr"]
+        # The worker selector is the job and namespace the ServiceMonitor gives the series.
+        assert 'job="cxone-offboard"' not in expr, name
+        if "offboard_" in expr:
+            assert f'job="{service}", namespace="offboard"' in expr, name
+        # RabbitMQ selectors: this release's queue names, plus the configured vhost.
+        for matcher in re.findall(r'queue=~?"[^"]*"[^}]*', expr):
+            assert "acme.offboard." in matcher and 'vhost="offboard"' in matcher, (name, matcher)
+        assert "offboard.requests" not in re.sub(r"acme\.offboard\.", "", expr), name
+        assert r["labels"]["severity"] == source[name]["labels"]["severity"], name
+        assert r["labels"]["team"] == "identity", name
+        assert r["annotations"]["runbook_url"] == (
+            "https://git.example.com/platform/cxone-offboard/-/blob/main/docs/operations.md#"
+            + name.lower()), name
+        assert r["annotations"]["summary"] and r["annotations"]["description"], name
+        assert r.get("for", "0m") == source[name].get("for", "0m"), name
+
+
+def test_prometheus_rule_default_selector(tmp_path):
+    docs = render(tmp_path, REQUIRED_SECRETS, {"metrics": {"prometheusRule": {"enabled": True}}})
+    rendered = alert_rules(one(docs, "PrometheusRule")["spec"]["groups"])
+    expr = rendered["OffboardCxoneCircuitOpen"]["expr"]
+    assert 'offboard_cxone_breaker_open{job="offboard-cxone-offboard", namespace="offboard"}' in expr
+    assert 'queue="offboard.held"}' in rendered["OffboardGuardHoldingSagas"]["expr"]
+    assert "https://github.com/acme/cxone-offboard/blob/main/docs/operations.md#" in \
+        rendered["OffboardCxoneCircuitOpen"]["annotations"]["runbook_url"]
+    docs = render(tmp_path, REQUIRED_SECRETS, {"metrics": {"prometheusRule": {
+        "enabled": True, "selector": 'job="kubernetes-pods", app="offboard"'}}})
+    expr = alert_rules(one(docs, "PrometheusRule")["spec"]["groups"])["OffboardCxoneCircuitOpen"]["expr"]
+    assert 'offboard_cxone_breaker_open{job="kubernetes-pods", app="offboard"}' in expr
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="no promtool (scripts/helm-lint.sh installs it)")
+def test_rendered_rules_pass_promtool(tmp_path):
+    rule = one(render_file(VALUES_DIR / "monitoring.yaml"), "PrometheusRule")
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    proc = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_grafana_dashboard_configmap():
+    docs = render_file(VALUES_DIR / "monitoring.yaml")
+    cm, dashboard = dashboard_of(docs)
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "Offboarding"}
+    assert cm["metadata"]["namespace"] == "offboard"
+    assert dashboard["uid"] == "cxone-offboard"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["requests_queue"]["query"] == "acme.offboard.requests"
+    assert variables["housekeeping_queue"]["query"] == "acme.offboard.housekeeping"
+    assert variables["held_queue"]["query"] == "acme.offboard.held"
+    assert variables["dead_queue"]["query"] == "acme.offboard.dead"
+    assert variables["delay_queue_prefix"]["query"] == "acme.offboard.delay"
+    # Apart from the queue variables, the rendered JSON is the file's.
+    source = json.loads(DASHBOARD_FILE.read_text())
+    assert len(dashboard["panels"]) == len(source["panels"])
+    assert [p.get("targets") for p in dashboard["panels"]] == [p.get("targets") for p in source["panels"]]
+
+
+def test_grafana_dashboard_label_and_namespace(tmp_path):
+    docs = render(tmp_path, REQUIRED_SECRETS, {"metrics": {"grafanaDashboard": {
+        "enabled": True, "label": "grafana.example.com/dashboard", "labelValue": "offboarding",
+        "namespace": "monitoring"}}})
+    cm, dashboard = dashboard_of(docs)
+    assert cm["metadata"]["labels"]["grafana.example.com/dashboard"] == "offboarding"
+    assert "grafana_dashboard" not in cm["metadata"]["labels"]
+    assert cm["metadata"]["namespace"] == "monitoring"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["requests_queue"]["query"] == "offboard.requests"
+
+
+def test_dashboard_json_shape():
+    """What Grafana needs to import it anywhere: one data-source variable, every query through
+    it, panels inside the 24-column grid without overlap, unique ids, known variables only."""
+    d = json.loads(DASHBOARD_FILE.read_text())
+    assert d["schemaVersion"] >= 39 and d["uid"] and d["title"]
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    known = set(variables) | {"__rate_interval", "__range", "__interval"}
+    ids, cells = set(), {}
+    for p in d["panels"]:
+        assert p["id"] not in ids, f"duplicate panel id {p['id']}"
+        ids.add(p["id"])
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f'{p["title"]} overlaps {cells[(x, y)]}'
+                cells[(x, y)] = p["title"]
+        if p["type"] == "row":
+            continue
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+        assert p.get("description"), f'{p["title"]}: say what the panel shows'
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["datasource"]["uid"] == "${datasource}", p["title"]
+            for var in re.findall(r"\$\{?(\w+)", t["expr"]):
+                assert var in known, f'{p["title"]}: unknown variable ${var}'
+            # Worker series are filtered by the deployment's namespace and job.
+            for metric in re.findall(r"\b(offboard_\w+)\{([^}]*)\}", t["expr"]):
+                assert 'namespace=~"$namespace"' in metric[1] and 'job=~"$job"' in metric[1], \
+                    (p["title"], metric)
+            assert not re.search(r"\boffboard_\w+(?![\w{])", t["expr"]), \
+                f'{p["title"]}: a worker metric without the namespace/job selector'
+
+
+def test_every_alert_has_a_unit_test_and_a_runbook():
+    alerts = alert_rules(yaml.safe_load(ALERTS_FILE.read_text())["groups"])
+    tests = yaml.safe_load(ALERTS_TEST.read_text())
+    fired = {t["alertname"] for case in tests["tests"] for t in case.get("alert_rule_test", [])
+             if t.get("exp_alerts")}
+    quiet = {t["alertname"] for case in tests["tests"] for t in case.get("alert_rule_test", [])
+             if not t.get("exp_alerts")}
+    docs = OPERATIONS_MD.read_text()
+    assert "\n## Alerts\n" in docs
+    section = docs.split("\n## Alerts\n", 1)[1]
+    headings = re.findall(r"^### (\w+)$", section, re.M)
+    for name, rule in alerts.items():
+        assert name in fired, f"{name}: no unit test where it fires"
+        assert name in quiet, f"{name}: no unit test where it stays quiet"
+        assert name in headings, f"{name}: no '### {name}' runbook under '## Alerts'"
+        assert rule["annotations"]["runbook_url"].endswith("docs/operations.md#" + name.lower())
+        assert rule["labels"]["severity"] in {"critical", "warning"}, name
+    assert set(headings) <= set(alerts), "a runbook for an alert that does not exist"
+
+
 # --- values that must fail -----------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [
@@ -523,6 +803,13 @@ def test_replay_job_without_dry_run(tmp_path):
     {"config": {"cxone": {"block_login": "ldap"}}},
     {"image": {"pullPolicy": "Sometimes"}},
     {"networkPolicy": {"amqpPorts": [70000]}},
+    {"worker": {"housekeepingMaxInFlight": 0}},
+    {"quota": {"redisUrl": "http://redis:6379"}},
+    {"secrets": {"amqpControlKey": "too-short"}},
+    {"metrics": {"prometheusRule": {"enabled": "yes"}}},
+    {"metrics": {"grafanaDashboard": {"labelValue": 1}}},
+    {"config": {"cxone": {"rate_limit": {"redis_timeout_ms": 5}}}},
+    {"config": {"sla": {"revoke_within_secs": 0}}},
 ], ids=lambda v: json.dumps(v))
 def test_wrong_type_fails_the_schema(tmp_path, bad):
     err = render_fails(tmp_path, REQUIRED_SECRETS, bad, lint=True)
@@ -534,6 +821,8 @@ def test_wrong_type_fails_the_schema(tmp_path, bad):
     {"config": {"amqp": {"prefech": 64}}},
     {"config": {"s3s": {"bucket": "x"}}},
     {"serviceAccount": {"annotation": {}}},
+    {"metrics": {"serviceMonitors": {"enabled": True}}},
+    {"quota": {"redisURL": "redis://r:6379/0"}},
 ], ids=lambda v: json.dumps(v))
 def test_typo_fails_the_schema(tmp_path, bad):
     err = render_fails(tmp_path, REQUIRED_SECRETS, bad, lint=True)
@@ -549,6 +838,11 @@ def test_typo_fails_the_schema(tmp_path, bad):
     ({"config": {"hris": {"endpoints": {"workday": {
         "url": "https://hr.example.com/hook", "secret": "x"}}}}}, "looks like a secret"),
     ({"config": {"worker": {"max_in_flight": 8}}}, "worker.maxInFlight"),
+    ({"config": {"worker": {"housekeeping_max_in_flight": 8}}}, "worker.housekeepingMaxInFlight"),
+    ({"config": {"cxone": {"rate_limit": {"redis_url": "redis://redis:6379/0"}}}}, "quota.redisUrl"),
+    ({"config": {"cxone": {"rate_limit": {"redis_key": "k"}}}}, "quota.redisKey"),
+    ({"config": {"amqp": {"control_key": "0123456789abcdef0123"}}}, "secrets.amqpControlKey"),
+    ({"serviceMonitor": {"enabled": True}}, "moved to metrics.serviceMonitor"),
 ], ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
 def test_secrets_in_config_are_refused(tmp_path, bad, message):
     err = render_fails(tmp_path, REQUIRED_SECRETS, bad)

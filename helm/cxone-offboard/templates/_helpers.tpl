@@ -86,15 +86,33 @@ anything that looks like a secret. Returned as JSON (fromJson it).
 {{- $config := deepCopy .Values.config }}
 {{- include "cxone-offboard.refuseSecrets" (dict "path" "config" "value" $config) }}
 {{- $worker := get $config "worker" | default dict }}
-{{- if or (hasKey $worker "max_in_flight") (hasKey $worker "shutdown_grace_secs") }}
-{{- fail "set worker.maxInFlight / worker.shutdownGraceSecs, not config.worker.max_in_flight / shutdown_grace_secs (they also size KEDA and the termination grace period)" }}
+{{- if or (hasKey $worker "max_in_flight") (hasKey $worker "shutdown_grace_secs") (hasKey $worker "housekeeping_max_in_flight") }}
+{{- fail "set worker.maxInFlight / worker.housekeepingMaxInFlight / worker.shutdownGraceSecs, not config.worker.max_in_flight / housekeeping_max_in_flight / shutdown_grace_secs (they also size KEDA and the termination grace period)" }}
 {{- end }}
 {{- $_ := set $worker "max_in_flight" (int .Values.worker.maxInFlight) }}
+{{- $_ := set $worker "housekeeping_max_in_flight" (int .Values.worker.housekeepingMaxInFlight) }}
 {{- $_ := set $worker "shutdown_grace_secs" (int .Values.worker.shutdownGraceSecs) }}
 {{- $_ := set $config "worker" $worker }}
-{{- $rateLimit := dig "cxone" "rate_limit" dict $config }}
+{{- if hasKey (get $config "amqp" | default dict) "control_key" }}
+{{- fail "config.amqp.control_key is a secret: set secrets.amqpControlKey or the key amqp-control-key of existingSecret (or config.amqp.control_key_file)" }}
+{{- end }}
+{{- $cxone := get $config "cxone" | default dict }}
+{{- $rateLimit := get $cxone "rate_limit" | default dict }}
+{{- if hasKey $rateLimit "redis_url" }}
+{{- fail "config.cxone.rate_limit.redis_url may carry a password: set quota.redisUrl or the key redis-url of existingSecret (or config.cxone.rate_limit.redis_url_file)" }}
+{{- end }}
+{{- if hasKey $rateLimit "redis_key" }}
+{{- fail "set quota.redisKey, not config.cxone.rate_limit.redis_key" }}
+{{- end }}
+{{- with .Values.quota.redisKey }}
+{{- $_ := set $rateLimit "redis_key" . }}
+{{- end }}
 {{- if kindIs "string" (get $rateLimit "requests_per_second") }}
 {{- $_ := set $rateLimit "requests_per_second" (float64 (get $rateLimit "requests_per_second")) }}
+{{- end }}
+{{- if $rateLimit }}
+{{- $_ := set $cxone "rate_limit" $rateLimit }}
+{{- $_ := set $config "cxone" $cxone }}
 {{- end }}
 {{- $hris := get $config "hris" | default dict }}
 {{- range $name, $_ := (get $hris "endpoints" | default dict) }}
@@ -210,6 +228,78 @@ Call with (dict "prefix" "" "value" $map). Nulls are left out. Whole numbers pri
       name: {{ $secret }}
       key: hris-{{ $name }}-secret
 {{- end }}
+{{- /* Optional keys: in the chart's Secret only when set; in existingSecret when present. */}}
+{{- if or .Values.existingSecret .Values.secrets.amqpControlKey }}
+- name: OFFBOARD__AMQP__CONTROL_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: amqp-control-key
+      {{- if .Values.existingSecret }}
+      optional: true
+      {{- end }}
+{{- end }}
+{{- if or .Values.existingSecret .Values.quota.redisUrl }}
+- name: OFFBOARD__CXONE__RATE_LIMIT__REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: redis-url
+      {{- if .Values.existingSecret }}
+      optional: true
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Substitutes this release's names into a file of the chart written for the defaults
+(files/alerts.yaml, files/dashboard.json): the queue names of config.amqp, and for the alert
+rules the worker selector, the RabbitMQ selector and the runbook base URL. Call with
+(dict "root" $ "text" $text). Each default is swapped for a unique token first, so a configured
+name that contains another default name is not replaced twice.
+*/}}
+{{- define "cxone-offboard.substituteNames" -}}
+{{- $config := include "cxone-offboard.config" .root | fromJson }}
+{{- $amqp := get $config "amqp" | default dict }}
+{{- $names := list
+  (list "offboard.requests" (get $amqp "requests_queue" | default "offboard.requests"))
+  (list "offboard.housekeeping" (get $amqp "housekeeping_queue" | default "offboard.housekeeping"))
+  (list "offboard.held" (get $amqp "held_queue" | default "offboard.held"))
+  (list "offboard.dead" (get $amqp "dead_queue" | default "offboard.dead"))
+  (list "offboard.delay" (get $amqp "delay_queue_prefix" | default "offboard.delay")) }}
+{{- $text := .text }}
+{{- range $i, $pair := $names }}
+{{- $text = replace (index $pair 0) (printf "@@OFFBOARD_NAME_%d@@" $i) $text }}
+{{- end }}
+{{- range $i, $pair := $names }}
+{{- $text = replace (printf "@@OFFBOARD_NAME_%d@@" $i) (index $pair 1) $text }}
+{{- end }}
+{{- $text }}
+{{- end }}
+
+{{/* The alert rules of files/alerts.yaml for this release, as a map (fromYaml). */}}
+{{- define "cxone-offboard.alertRules" -}}
+{{- $rule := .Values.metrics.prometheusRule }}
+{{- $text := include "cxone-offboard.substituteNames" (dict "root" . "text" (.Files.Get "files/alerts.yaml")) }}
+{{- $selector := $rule.selector | default (printf "job=%q, namespace=%q" (include "cxone-offboard.fullname" .) .Release.Namespace) }}
+{{- $text = replace "job=\"cxone-offboard\"" $selector $text }}
+{{- with $rule.rabbitmqSelector }}
+{{- $text = regexReplaceAll "queue(=~?)\"([^\"]*)\"" $text (printf "queue${1}\"${2}\", %s" .) }}
+{{- end }}
+{{- $text = replace "https://github.com/acme/cxone-offboard/blob/main/docs/operations.md" $rule.runbookBaseUrl $text }}
+{{- $rules := $text | fromYaml }}
+{{- if hasKey $rules "Error" }}
+{{- fail (printf "files/alerts.yaml after substitution: %s" $rules.Error) }}
+{{- end }}
+{{- with $rule.additionalLabels }}
+{{- range $group := $rules.groups }}
+{{- range $r := $group.rules }}
+{{- /* The rule's own labels (severity) win over additionalLabels. */}}
+{{- $_ := set $r "labels" (merge ($r.labels | default dict) (deepCopy $.Values.metrics.prometheusRule.additionalLabels)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toJson $rules }}
 {{- end }}
 
 {{/* The pod's config volume, tmp volume and the mounts for them. */}}
