@@ -58,8 +58,8 @@ struct Opts {
     only: Option<Vec<String>>,
     python: PathBuf,
     work: PathBuf,
-    /// `s3s-fs` (default) or `moto`.
-    s3: String,
+    /// `s3s-fs` or `moto`; unset: s3s-fs for one worker process, moto for several.
+    s3: Option<String>,
 }
 
 fn parse_args() -> anyhow::Result<Opts> {
@@ -71,7 +71,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         only: None,
         python: PathBuf::from("python3"),
         work: std::env::temp_dir().join(format!("cxone-bench-{}", std::process::id())),
-        s3: "s3s-fs".to_owned(),
+        s3: None,
     };
     let mut out_set = false;
     let mut svg_set = false;
@@ -96,10 +96,11 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--only" => o.only = Some(value()?.split(',').map(str::to_owned).collect()),
             "--python" => o.python = PathBuf::from(value()?),
             "--s3" => {
-                o.s3 = value()?;
-                if !matches!(o.s3.as_str(), "s3s-fs" | "moto") {
+                let v = value()?;
+                if !matches!(v.as_str(), "s3s-fs" | "moto") {
                     bail!("--s3 takes s3s-fs or moto");
                 }
+                o.s3 = Some(v);
             }
             "--bench" | "--test" => {}
             other => bail!("unknown argument {other}"),
@@ -395,16 +396,23 @@ struct SimArgs {
 }
 
 impl Stack {
-    fn start(opts: &Opts, tag: &str, sim: &SimArgs) -> anyhow::Result<Self> {
+    fn start(opts: &Opts, tag: &str, sim: &SimArgs, workers: usize) -> anyhow::Result<Self> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let short = &id[..10];
         let dir = opts.work.join(format!("{tag}-{short}"));
         std::fs::create_dir_all(&dir)?;
         let bucket = format!("bench-{short}");
         let s3_port = free_port()?;
-        // A fresh S3 server per run = a fresh store. s3s-fs (Rust, files on disk) by default:
-        // it is not what is measured; moto (one Python process) with `--s3 moto`.
-        let s3 = if opts.s3 == "moto" {
+        // A fresh S3 server per run = a fresh store. s3s-fs (Rust, files on disk) for one
+        // worker process: it is not what is measured. Its conditional writes are not atomic
+        // (SERVICES.md): processes racing on the guard window made it keep one PUT's checksum
+        // with another's body, and every read after failed its checksum — so several worker
+        // processes get moto (one Python process, atomic). `--s3` chooses for all runs.
+        let kind = opts
+            .s3
+            .clone()
+            .unwrap_or_else(|| if workers > 1 { "moto" } else { "s3s-fs" }.to_owned());
+        let s3 = if kind == "moto" {
             let s3 = Proc::spawn(
                 "moto",
                 Command::new(&opts.python)
@@ -904,7 +912,7 @@ fn beam_pid() -> Option<u32> {
 
 async fn saga_run(opts: &Opts, spec: &SagaSpec<'_>) -> anyhow::Result<SagaRun> {
     let load = settle(0.1, Duration::from_secs(if opts.quick { 5 } else { 30 }));
-    let stack = Stack::start(opts, spec.tag, &spec.sim)?;
+    let stack = Stack::start(opts, spec.tag, &spec.sim, spec.workers)?;
     let mut worker = spec.worker.clone();
     let mut redis = None;
     if spec.redis {
@@ -2508,6 +2516,7 @@ async fn startup(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
             interactions: 1,
             rate_limit: None,
         },
+        1,
     )?;
     let cfg = WorkerCfg {
         rps: R,
@@ -2592,6 +2601,7 @@ async fn sim_throughput(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
                 interactions: 1,
                 rate_limit: None,
             },
+            1,
         )?;
         let res = hammer(&stack.sim_url, conns, Duration::from_secs_f64(secs)).await;
         stack.cleanup().await;

@@ -25,6 +25,7 @@
 //! - [`cli`]: one module per command of the binary.
 
 pub mod app;
+pub mod audit;
 pub mod broker;
 pub mod cli;
 pub mod config;

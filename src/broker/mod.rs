@@ -44,3 +44,59 @@ pub fn describe(e: &lapin::Error) -> String {
     tracing::debug!(error = ?e, "broker error");
     e.to_string()
 }
+
+/// Publishes each `(routing_key, body)` to `exchange` as a persistent CloudEvent, mandatory,
+/// and waits for every publisher confirm; per message, `Err(why)` when the broker refused it
+/// (nack) or routed it nowhere (returned). One connection for the batch.
+pub async fn publish_confirmed(
+    settings: &AmqpSettings,
+    role: &str,
+    exchange: &str,
+    messages: &[(String, Vec<u8>)],
+) -> anyhow::Result<Vec<Result<(), String>>> {
+    use anyhow::Context as _;
+    use lapin::BasicProperties;
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let conn = connect(settings, role).await?;
+    let channel = conn.create_channel().await.context("opening a channel")?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .context("enabling publisher confirms")?;
+    let props = BasicProperties::default()
+        .with_content_type("application/cloudevents+json".into())
+        .with_delivery_mode(2);
+    let mut confirms = Vec::with_capacity(messages.len());
+    for (routing_key, body) in messages {
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                props.clone(),
+            )
+            .await
+            .with_context(|| format!("publishing to `{exchange}`"))?;
+        confirms.push(confirm);
+    }
+    let mut results = Vec::with_capacity(confirms.len());
+    for confirm in confirms {
+        let c = confirm.await.context("waiting for the broker's confirm")?;
+        results.push(if c.is_nack() {
+            Err("the broker refused it (nack)".to_owned())
+        } else if c.take_message().is_some() {
+            Err(format!(
+                "no queue is bound for it on `{exchange}` (returned)"
+            ))
+        } else {
+            Ok(())
+        });
+    }
+    let _ = channel.close(200, "published".into()).await;
+    let _ = conn.close(200, "published".into()).await;
+    Ok(results)
+}

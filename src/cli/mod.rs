@@ -4,8 +4,10 @@ pub mod check;
 pub mod completions;
 pub mod demo;
 pub mod dlq;
+pub mod evidence;
 pub mod guard;
 pub mod publish;
+pub mod reconcile;
 pub mod replay;
 pub mod saga;
 pub mod verify;
@@ -82,6 +84,10 @@ pub enum Command {
     Demo(demo::Args),
     /// Inspect and release sagas held by the mass-deletion guard.
     Guard(guard::Args),
+    /// The auditor's pack: per termination, when access went against the SLA, and the proof.
+    Evidence(evidence::Args),
+    /// Find leavers who still have access: CXone users not on the roster, or re-enabled by hand.
+    Reconcile(reconcile::Args),
 }
 
 /// A failure with the exit code it deserves.
@@ -150,6 +156,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Verify(args) => verify::run(&cli, args).await,
         Command::Guard(args) => guard::run(&cli, args).await,
         Command::Demo(args) => demo::run(&cli, args).await,
+        Command::Evidence(args) => evidence::run(&cli, args).await,
+        Command::Reconcile(args) => reconcile::run(&cli, args).await,
     };
     match result {
         Ok(code) => code,

@@ -250,6 +250,32 @@ impl Client {
         self.inner.requests.load(Ordering::Relaxed)
     }
 
+    /// One page of every UserHub user (`reconcile`): `(totalRecords, users)`. Housekeeping
+    /// priority: a reconciliation never delays a revocation.
+    pub async fn users_page(&self, skip: u64, top: u64) -> Result<(u64, Vec<User>), CxoneError> {
+        let url = self
+            .api_url(&["user-management", "v2", "users", "search"])
+            .await?;
+        let answer = self
+            .send(Req {
+                method: Method::POST,
+                route: routes::USER_SEARCH,
+                url,
+                body: Some(Body::Json(
+                    json!({ "filter": {}, "skip": skip, "top": top }),
+                )),
+                priority: Priority::Housekeeping,
+                pass: &[],
+            })
+            .await?;
+        Self::must_exist("POST", routes::USER_SEARCH, &answer)?;
+        let parsed: SearchAnswer = self.parse("POST", routes::USER_SEARCH, &answer)?;
+        let total = parsed
+            .total_records
+            .unwrap_or(skip + parsed.users.len() as u64);
+        Ok((total, parsed.users))
+    }
+
     /// Gets a token and the endpoints: what `check` reports.
     pub async fn connect(&self) -> Result<Endpoints, CxoneError> {
         let endpoints = self.inner.auth.endpoints().await?.clone();
@@ -647,6 +673,8 @@ async fn probe_loop(inner: Weak<Inner>) {
 struct SearchAnswer {
     #[serde(default)]
     users: Vec<User>,
+    #[serde(default, rename = "totalRecords")]
+    total_records: Option<u64>,
 }
 
 #[derive(Deserialize)]

@@ -154,11 +154,41 @@ pub async fn admit_all<S: Store>(
     // that arrive meanwhile join the next batch of this process.
     let deadline = tokio::time::Instant::now() + ADMIT_PATIENCE;
     let mut attempt = 0u32;
+    let mut unreadable = 0u32;
     loop {
         attempt += 1;
         let now = Utc::now();
-        let (mut window, write) = match store.get(WINDOW_KEY).await? {
-            Some(obj) => (parse(&obj.body)?, Write::Replace(obj.etag)),
+        // A failed read or write is tried again like a lost race: S3 may answer 5xx, and a
+        // PUT that timed out may have landed (the next read then shows these sagas admitted).
+        let object = match store.get(WINDOW_KEY).await {
+            Ok(o) => o,
+            Err(e) if e.is_transient() => {
+                backoff(attempt, deadline, e).await?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let (mut window, write) = match object {
+            Some(obj) => match parse(&obj.body) {
+                Ok(w) => (w, Write::Replace(obj.etag)),
+                // Read twice more before calling it corrupt: a store that is not atomic
+                // (s3s-fs) can hand out a body mid-write.
+                Err(e) if unreadable < 2 => {
+                    unreadable += 1;
+                    backoff(
+                        attempt,
+                        deadline,
+                        StoreError::Transient {
+                            op: "GET",
+                            key: WINDOW_KEY.to_owned(),
+                            message: e.to_string(),
+                        },
+                    )
+                    .await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
             None => (Window::default(), Write::Create),
         };
         window.prune(now, settings.window_secs);
@@ -187,24 +217,41 @@ pub async fn admit_all<S: Store>(
             .await
         {
             Ok(_) => return Ok(results),
-            Err(StoreError::Conflict { .. }) => {
-                // Someone else admitted a saga meanwhile: read again, after a jittered pause.
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(GuardError::Store(StoreError::Transient {
+            // Someone else admitted a saga meanwhile (or S3 stumbled): read again, after a
+            // jittered pause.
+            Err(e) if e.is_conflict() || e.is_transient() => {
+                let e = if e.is_conflict() {
+                    StoreError::Transient {
                         op: "PUT",
                         key: WINDOW_KEY.to_owned(),
                         message: format!(
                             "too much contention on the guard window ({attempt} attempts)"
                         ),
-                    }));
-                }
-                let cap = 10 * u64::from(attempt.min(8)).pow(2);
-                let ms = rand::rng().random_range(1..=cap.max(2));
-                tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                } else {
+                    e
+                };
+                backoff(attempt, deadline, e).await?;
             }
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// Waits a jittered, growing pause before the next attempt; past the deadline, `last` is
+/// the error.
+async fn backoff(
+    attempt: u32,
+    deadline: tokio::time::Instant,
+    last: StoreError,
+) -> Result<(), GuardError> {
+    if tokio::time::Instant::now() >= deadline {
+        return Err(GuardError::Store(last));
+    }
+    let cap = 10 * u64::from(attempt.min(8)).pow(2);
+    let ms = rand::rng().random_range(1..=cap.max(2));
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    Ok(())
 }
 
 /// How long one admission may contend for the guard window before the saga parks.
@@ -215,6 +262,28 @@ mod tests {
     use super::*;
     use crate::store::Memory;
     use std::sync::Arc;
+
+    /// S3 stumbling on the window (a 5xx, a timed-out PUT) is tried again, not a park.
+    #[tokio::test(start_paused = true)]
+    async fn transient_window_failures_are_tried_again() {
+        let store = Memory::default();
+        let settings = GuardSettings {
+            max_destructive_per_window: 10,
+            window_secs: 3600,
+        };
+        store.fail_next_writes("guard/", 5);
+        let admitted = admit(&store, &settings, "s1").await.expect("admitted");
+        assert!(admitted);
+        // For good: a window that cannot be written parks the saga after the patience.
+        store.fail_writes(Some("guard/"));
+        let err = admit(&store, &settings, "s2")
+            .await
+            .expect_err("not admitted");
+        assert!(
+            matches!(err, GuardError::Store(StoreError::Transient { .. })),
+            "{err:?}"
+        );
+    }
 
     #[tokio::test]
     async fn a_gate_batches_and_still_admits_exactly_the_limit() {

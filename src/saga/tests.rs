@@ -815,7 +815,7 @@ async fn a_lease_of_a_live_holder_waits_and_one_of_a_gone_holder_is_taken_at_onc
 /// Defect (issue 18 bench, four replicas): a delivery that parked outside a step (the guard
 /// window could not be written) kept its lease, and every other replica's delivery of the
 /// saga waited for it — the holder's session was alive — until the lease expired (300 s).
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_delivery_that_parks_gives_up_its_lease_so_another_replica_goes_on_at_once() {
     let w = deps(FakeCxone::with_user("E1", 1001));
     let d = &w.deps;

@@ -18,8 +18,9 @@ pub struct Memory {
     counter: AtomicU64,
     /// Requests by operation (`GET`, `PUT`, `LIST`, …), as the S3 store counts them.
     requests: Mutex<BTreeMap<&'static str, u64>>,
-    /// Writes to keys under this prefix fail as a flaky S3 would (a transient error).
-    failing: Mutex<Option<String>>,
+    /// Writes to keys under this prefix fail as a flaky S3 would (a transient error), this
+    /// many more times.
+    failing: Mutex<Option<(String, u32)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -51,7 +52,12 @@ impl Memory {
 
     /// Makes every write under `prefix` fail (transient) until called with `None`.
     pub fn fail_writes(&self, prefix: Option<&str>) {
-        *lock(&self.failing) = prefix.map(str::to_owned);
+        *lock(&self.failing) = prefix.map(|p| (p.to_owned(), u32::MAX));
+    }
+
+    /// Makes the next `n` writes under `prefix` fail (transient).
+    pub fn fail_next_writes(&self, prefix: &str, n: u32) {
+        *lock(&self.failing) = Some((prefix.to_owned(), n));
     }
 
     /// Replaces an object's body behind everyone's back (a tamperer, in tests).
@@ -78,10 +84,17 @@ impl Store for Memory {
         write: Write,
     ) -> Result<String, StoreError> {
         self.count("PUT");
-        if lock(&self.failing)
-            .as_deref()
-            .is_some_and(|p| key.starts_with(p))
-        {
+        let fails = {
+            let mut failing = lock(&self.failing);
+            match failing.as_mut() {
+                Some((prefix, left)) if key.starts_with(prefix.as_str()) && *left > 0 => {
+                    *left -= 1;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if fails {
             return Err(StoreError::Transient {
                 op: "PUT",
                 key: key.to_owned(),
