@@ -353,6 +353,46 @@ mod tests {
         assert!(!p.contains(at("2026-11-26T21:59:59Z")));
     }
 
+    /// Issue 19: a period costs what is in it. 20,000 sagas over 20 days; exporting one day
+    /// lists that day's index once and reads that day's journals, nothing else.
+    #[tokio::test]
+    async fn one_day_out_of_twenty_thousand_reads_only_that_days_index_and_journals() {
+        use crate::store::Memory;
+        let store = Memory::default();
+        let base = at("2026-11-01T00:00:00Z");
+        let body = br#"{"specversion":"1.0","id":"e","source":"s","type":"employee.terminated",
+                        "data":{"employee":{"external_id":"E1"}}}"#;
+        let event = crate::event::parse(body, crate::event::Limits::default()).expect("event");
+        for i in 0..20_000i64 {
+            let created = base + Duration::days(i % 20) + Duration::seconds(i);
+            let saga_id = uuid::Uuid::from_u128(i as u128).to_string();
+            let mut stored = journal::Stored {
+                journal: Journal::new(&saga_id, &event, created),
+                etag: None,
+            };
+            journal::save(&store, &mut stored).await.expect("save");
+            journal::write_indexes(&store, "E1", &saga_id, created)
+                .await
+                .expect("index");
+        }
+        let before = store.requests();
+        let period = Period {
+            since: Some(at("2026-11-07T00:00:00Z")),
+            until: at("2026-11-08T00:00:00Z"),
+        };
+        let ids = sagas_in(&store, &period).await.expect("ids");
+        let rows = journals(&store, ids, &period, || {})
+            .await
+            .expect("journals");
+        assert_eq!(rows.len(), 1000);
+        let after = store.requests();
+        let delta =
+            |op: &str| after.get(op).copied().unwrap_or(0) - before.get(op).copied().unwrap_or(0);
+        assert_eq!(delta("LIST"), 1, "one LIST: that day's index");
+        assert_eq!(delta("GET"), 1000, "one GET per saga of that day");
+        assert_eq!(delta("PUT"), 0);
+    }
+
     #[test]
     fn a_sample_is_reproducible_for_a_seed() {
         let rows: Vec<Row> = (0..100)

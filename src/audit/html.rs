@@ -83,6 +83,8 @@ th, td { border-bottom: 1px solid var(--line); padding: 5px 7px; text-align: lef
 th { background: var(--bg); position: sticky; top: 0; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.mono, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 11.5px; }
+td.t { white-space: nowrap; }
+.stats { color: var(--muted); margin: 10px 0 0; }
 .yes { color: var(--ok); font-weight: 600; } .no { color: var(--bad); font-weight: 600; }
 .pending { color: var(--wait); }
 .legend span { margin-right: 16px; }
@@ -200,6 +202,23 @@ pub fn render(meta: &Meta<'_>, rows: &[Row], counts: &Counts) -> String {
 
     h.push_str("<h2>Time to revoke against the SLA</h2>");
     h.push_str(&chart(rows, meta.sla_secs));
+    let mut ttr: Vec<f64> = rows.iter().filter_map(|r| r.time_to_revoke_secs).collect();
+    ttr.sort_by(f64::total_cmp);
+    if !ttr.is_empty() {
+        let at = |p: f64| ttr[((p * ttr.len() as f64).ceil() as usize).clamp(1, ttr.len()) - 1];
+        let max = ttr[ttr.len() - 1];
+        let share = meta
+            .sla_secs
+            .map(|s| format!(" — {:.2} % of the SLA", 100.0 * max / s as f64))
+            .unwrap_or_default();
+        let _ = write!(
+            h,
+            "<p class=\"stats\">Time to revoke: median {}, p99 {}, slowest {}{share}.</p>",
+            human(at(0.5)),
+            human(at(0.99)),
+            human(max)
+        );
+    }
     h.push_str(
         "<p class=\"legend\"><span><i class=\"dot\" style=\"background:#1a7f37\"></i>within the SLA</span>\
          <span><i class=\"dot\" style=\"background:#cf222e\"></i>late</span>\
@@ -224,6 +243,12 @@ pub fn render(meta: &Meta<'_>, rows: &[Row], counts: &Counts) -> String {
          <th>effective</th><th>revoked</th><th>time to revoke</th><th>SLA due</th>\
          <th>SLA met</th><th>manifest</th><th>verified</th></tr>",
     );
+    let short = |s: Option<&str>| {
+        s.map_or_else(
+            || "–".to_owned(),
+            |s| s.replacen('T', " ", 1).trim_end_matches('Z').to_owned(),
+        )
+    };
     for r in rows {
         let flag = |v: Option<bool>| match v {
             Some(true) => "<span class=\"yes\">yes</span>".to_owned(),
@@ -243,19 +268,19 @@ pub fn render(meta: &Meta<'_>, rows: &[Row], counts: &Counts) -> String {
         let _ = write!(
             h,
             "<tr><td class=\"mono\" title=\"saga {} · event {}\">{}</td><td>{}</td><td>{}</td>\
-             <td class=\"mono\">{}</td><td class=\"mono\">{}</td><td class=\"mono\">{}</td>\
-             <td class=\"num\">{}</td><td class=\"mono\">{}</td><td>{}</td><td>{manifest}</td>\
+             <td class=\"mono t\">{}</td><td class=\"mono t\">{}</td><td class=\"mono t\">{}</td>\
+             <td class=\"num\">{}</td><td class=\"mono t\">{}</td><td>{}</td><td>{manifest}</td>\
              <td>{}</td></tr>",
             esc(&r.saga_id),
             esc(&r.event_id),
             esc(&r.external_id),
             esc(&r.status),
             esc(r.reason.as_deref().unwrap_or("–")),
-            esc(&r.received_at),
-            esc(r.effective_at.as_deref().unwrap_or("–")),
-            esc(r.revoked_at.as_deref().unwrap_or("–")),
+            esc(&short(Some(&r.received_at))),
+            esc(&short(r.effective_at.as_deref())),
+            esc(&short(r.revoked_at.as_deref())),
             r.time_to_revoke_secs.map_or_else(|| "–".to_owned(), human),
-            esc(r.sla_due_at.as_deref().unwrap_or("–")),
+            esc(&short(r.sla_due_at.as_deref())),
             flag(r.sla_met),
             flag(r.manifest_verified),
         );
@@ -338,44 +363,47 @@ fn chart(rows: &[Row], sla_secs: Option<u64>) -> String {
     let t1 = points.iter().map(|p| p.t).max().unwrap_or(now);
     let span = (t1 - t0).num_seconds().max(1) as f64;
     let sla = sla_secs.map(|s| s as f64);
-    let ymax_secs = points
+    // A log scale: a revocation in seconds and an SLA in hours both stay readable.
+    let lo = 0.1_f64;
+    let hi = points
         .iter()
         .map(|p| p.secs)
-        .fold(sla.unwrap_or(0.0) * 1.15, f64::max)
-        .max(60.0);
-    // Hours when the scale is long, minutes when short.
-    let (unit, div) = if ymax_secs >= 3.0 * 3600.0 {
-        ("hours", 3600.0)
-    } else if ymax_secs >= 180.0 {
-        ("minutes", 60.0)
-    } else {
-        ("seconds", 1.0)
-    };
-    let ymax = ymax_secs / div;
-    let step = nice_step(ymax / 5.0);
+        .fold(sla.unwrap_or(0.0) * 2.0, f64::max)
+        .max(120.0);
+    let (llo, lhi) = (lo.log10(), hi.log10());
     let x = |t: DateTime<Utc>| left + pw * ((t - t0).num_seconds() as f64 / span);
-    let y = |v: f64| top + ph * (1.0 - (v / div) / ymax);
+    let y = |v: f64| top + ph * (1.0 - (v.max(lo).log10() - llo) / (lhi - llo));
     let _ = write!(
         svg,
         "<rect x=\"{left}\" y=\"{top}\" width=\"{pw}\" height=\"{ph}\" fill=\"#fff\" stroke=\"#d1d9e0\"/>"
     );
-    let mut v = 0.0;
-    while v <= ymax + 1e-9 {
-        let yy = top + ph * (1.0 - v / ymax);
+    for (v, label) in [
+        (0.1, "0.1 s"),
+        (1.0, "1 s"),
+        (10.0, "10 s"),
+        (60.0, "1 min"),
+        (600.0, "10 min"),
+        (3600.0, "1 h"),
+        (6.0 * 3600.0, "6 h"),
+        (86400.0, "1 day"),
+        (7.0 * 86400.0, "1 week"),
+    ] {
+        if v > hi {
+            break;
+        }
+        let yy = y(v);
         let _ = write!(
             svg,
             "<line x1=\"{left}\" x2=\"{}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#eef1f4\"/>\
-             <text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+             <text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{label}</text>",
             left + pw,
             left - 8.0,
             yy + 4.0,
-            fmt_tick(v)
         );
-        v += step;
     }
     let _ = write!(
         svg,
-        "<text transform=\"translate(16 {}) rotate(-90)\" text-anchor=\"middle\">time to revoke ({unit})</text>",
+        "<text transform=\"translate(16 {}) rotate(-90)\" text-anchor=\"middle\">time to revoke (log scale)</text>",
         top + ph / 2.0
     );
     for (frac, anchor) in [(0.0, "start"), (0.5, "middle"), (1.0, "end")] {
@@ -419,37 +447,11 @@ fn chart(rows: &[Row], sla_secs: Option<u64>) -> String {
             "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{fill}\" fill-opacity=\"0.75\" \
              stroke=\"{stroke}\" stroke-width=\"1.5\"/>",
             x(p.t),
-            y(p.secs.min(ymax_secs))
+            y(p.secs.min(hi))
         );
     }
     svg.push_str("</svg>");
     svg
-}
-
-fn nice_step(raw: f64) -> f64 {
-    if raw <= 0.0 || !raw.is_finite() {
-        return 1.0;
-    }
-    let mag = 10f64.powf(raw.log10().floor());
-    let n = raw / mag;
-    let nice = if n <= 1.0 {
-        1.0
-    } else if n <= 2.0 {
-        2.0
-    } else if n <= 5.0 {
-        5.0
-    } else {
-        10.0
-    };
-    nice * mag
-}
-
-fn fmt_tick(v: f64) -> String {
-    if (v - v.round()).abs() < 1e-9 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.1}")
-    }
 }
 
 #[cfg(test)]

@@ -360,6 +360,18 @@ pub async fn run(cli: &Cli, args: &Args) -> Result<ExitCode, Failure> {
         println!("                       cxone-offboard verify {m}");
         println!("                       cxone-offboard saga list --since 1h");
     }
+    // The auditor's view of this run: the same report as `evidence export --format html`.
+    let saga_ids: Vec<String> = finished
+        .values()
+        .filter_map(|v| v["data"]["saga_id"].as_str().map(str::to_owned))
+        .collect();
+    match evidence_report(&settings, saga_ids).await {
+        Ok(path) => println!(
+            "evidence report        {path} (open it in a browser; for any period: \
+             cxone-offboard evidence export --since 1d --format html --out FILE)"
+        ),
+        Err(e) => eprintln!("warning: no evidence report: {e:#}"),
+    }
     let all_done = finished.len() as u64 == args.users
         && finished
             .values()
@@ -369,6 +381,46 @@ pub async fn run(cli: &Cli, args: &Args) -> Result<ExitCode, Failure> {
     } else {
         ExitCode::from(super::EXIT_FAILURE)
     })
+}
+
+/// Writes `target/demo-evidence.html` for these sagas; returns its path.
+async fn evidence_report(
+    settings: &crate::config::Settings,
+    saga_ids: Vec<String>,
+) -> anyhow::Result<String> {
+    use crate::audit::{export, html};
+    let store = crate::store::S3::new(&settings.s3).await;
+    let now = chrono::Utc::now();
+    let period = export::Period {
+        since: None,
+        until: now + chrono::Duration::minutes(1),
+    };
+    let journals = export::journals(&store, saga_ids, &period, || {})
+        .await
+        .map_err(|e| anyhow::anyhow!("reading journals: {e}"))?;
+    let mut rows: Vec<export::Row> = journals
+        .iter()
+        .map(|j| export::row(j, &settings.s3.bucket, now))
+        .collect();
+    super::evidence::verify_rows(&store, &mut rows).await;
+    let counts = export::counts(&rows);
+    let meta = html::Meta {
+        title: "Access removal evidence (demo run)",
+        period: format!(
+            "in this demo run, up to {}",
+            now.format("%Y-%m-%d %H:%M UTC")
+        ),
+        generated_at: now,
+        bucket: &settings.s3.bucket,
+        sla_secs: Some(settings.sla.revoke_within_secs),
+        sample: None,
+        population: rows.len(),
+    };
+    let dir = std::path::Path::new("target");
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("demo-evidence.html");
+    std::fs::write(&path, html::render(&meta, &rows, &counts))?;
+    Ok(path.display().to_string())
 }
 
 async fn cleanup(conn: &lapin::Connection, amqp: &crate::config::AmqpSettings) {

@@ -127,6 +127,41 @@ pub fn period(since: Option<&str>, until: Option<&str>) -> Result<Period, Failur
 /// A manifest's verdict and the SHA-256 of its bytes.
 type Checked = (bool, Option<String>);
 
+/// Fills `manifest_verified` of every row with a manifest: the check of `verify`, and the
+/// bytes must be the ones the saga wrote and reported (`manifest_sha256`).
+pub async fn verify_rows(store: &S3, rows: &mut [Row]) {
+    let verifying = bar(
+        rows.iter().filter(|r| r.manifest_uri.is_some()).count() as u64,
+        "manifests verified",
+    );
+    let client = store.sdk();
+    let checked: Vec<(usize, Option<Checked>)> = stream::iter(rows.iter().enumerate())
+        .map(|(i, r)| {
+            let verifying = &verifying;
+            async move {
+                let Some(uri) = &r.manifest_uri else {
+                    return (i, None);
+                };
+                let v = crate::audit::verify::manifest(client, uri).await;
+                verifying.inc(1);
+                let same = v.manifest_sha256.is_some() && v.manifest_sha256 == r.manifest_sha256;
+                (i, Some((v.ok() && same, v.manifest_sha256)))
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    verifying.finish_and_clear();
+    for (i, result) in checked {
+        if let Some((ok, computed)) = result {
+            rows[i].manifest_verified = Some(ok);
+            if rows[i].manifest_sha256.is_none() {
+                rows[i].manifest_sha256 = computed;
+            }
+        }
+    }
+}
+
 async fn export_cmd(store: &S3, bucket: &str, args: &ExportArgs) -> Result<ExitCode, Failure> {
     if args.sample == Some(0) {
         return Err(usage("--sample must be at least 1".to_owned()));
@@ -163,38 +198,7 @@ async fn export_cmd(store: &S3, bucket: &str, args: &ExportArgs) -> Result<ExitC
         );
     }
     if !args.no_verify {
-        let verifying = bar(
-            rows.iter().filter(|r| r.manifest_uri.is_some()).count() as u64,
-            "manifests verified",
-        );
-        let client = store.sdk();
-        let checked: Vec<(usize, Option<Checked>)> = stream::iter(rows.iter().enumerate())
-            .map(|(i, r)| {
-                let verifying = &verifying;
-                async move {
-                    let Some(uri) = &r.manifest_uri else {
-                        return (i, None);
-                    };
-                    let v = crate::audit::verify::manifest(client, uri).await;
-                    verifying.inc(1);
-                    // The bytes must also be the ones the saga wrote and reported.
-                    let same =
-                        v.manifest_sha256.is_some() && v.manifest_sha256 == r.manifest_sha256;
-                    (i, Some((v.ok() && same, v.manifest_sha256)))
-                }
-            })
-            .buffer_unordered(8)
-            .collect()
-            .await;
-        verifying.finish_and_clear();
-        for (i, result) in checked {
-            if let Some((ok, computed)) = result {
-                rows[i].manifest_verified = Some(ok);
-                if rows[i].manifest_sha256.is_none() {
-                    rows[i].manifest_sha256 = computed;
-                }
-            }
-        }
+        verify_rows(store, &mut rows).await;
     }
     let counts = export::counts(&rows);
     let period_text = match period.since {

@@ -24,7 +24,8 @@ pub enum SagaCommand {
         after_help = "--status matches the journal state (running, parked, completed, \
         failed, planned, compensated, scheduled, held, cancelled) or the final status (DELETED, \
         DEACTIVATED_ONLY, ALREADY_ABSENT, FAILED, ...), case-insensitively. --since is RFC 3339 \
-        or relative (30m, 2h, 7d) and applies to when the saga was created.\n\n\
+        or relative (30m, 2h, 7d) and applies to when the saga was created; it reads the \
+        per-day index (sagas from before 0.2 need `evidence backfill` once).\n\n\
         Examples:\n  cxone-offboard saga list\n  cxone-offboard saga list --status failed --since 1d\n  \
         cxone-offboard saga list --json | jq '.counts'"
     )]
@@ -86,15 +87,26 @@ async fn run_list(store: &S3, args: &ListArgs) -> Result<ExitCode, Failure> {
             })
         })
         .transpose()?;
-    let keys = store
-        .list("sagas/")
-        .await
-        .map_err(|e| anyhow::anyhow!("listing sagas/: {e}"))?;
-    let ids: Vec<String> = keys
-        .iter()
-        .filter_map(|k| k.strip_prefix("sagas/")?.strip_suffix(".json"))
-        .map(str::to_owned)
-        .collect();
+    // With --since, only the days since then: the per-day index, not every journal.
+    let ids: Vec<String> = match since {
+        Some(since) => {
+            let period = crate::audit::export::Period {
+                since: Some(since),
+                until: Utc::now() + chrono::Duration::minutes(1),
+            };
+            crate::audit::export::sagas_in(store, &period)
+                .await
+                .map_err(|e| anyhow::anyhow!("listing the day index: {e}"))?
+        }
+        None => store
+            .list("sagas/")
+            .await
+            .map_err(|e| anyhow::anyhow!("listing sagas/: {e}"))?
+            .iter()
+            .filter_map(|k| k.strip_prefix("sagas/")?.strip_suffix(".json"))
+            .map(str::to_owned)
+            .collect(),
+    };
     let loaded: Vec<(String, Result<Option<journal::Stored>, String>)> = stream::iter(ids)
         .map(|id| async move {
             let r = journal::load(store, &id).await.map_err(|e| e.to_string());

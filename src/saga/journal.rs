@@ -640,7 +640,7 @@ pub async fn save<S: Store>(store: &S, stored: &mut Stored) -> Result<(), StoreE
 }
 
 /// The per-employee and per-day index entries of a new saga (idempotent).
-pub(crate) async fn write_indexes<S: Store>(
+pub async fn write_indexes<S: Store>(
     store: &S,
     external_id: &str,
     saga_id: &str,

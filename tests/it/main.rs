@@ -1,6 +1,7 @@
 //! Integration tests against the real broker and S3 server on loopback
 //! (`scripts/services.sh up` starts them) and the CXone simulator over HTTP.
 
+mod audit;
 mod chaos;
 mod client;
 mod docs;
