@@ -26,7 +26,7 @@ services-down: ## Stop the services this repository started
 .PHONY: demo
 demo: ## Simulator + worker + local services: offboard 50 simulated users and print a summary
 	@scripts/services.sh up rabbitmq moto
-	$(CARGO) run --quiet -- demo --users $(or $(USERS),50)
+	$(CARGO) run --quiet -- demo --users $(or $(USERS),50)$(if $(filter 1 true yes,$(DEMO_INTAKE)), --intake)
 
 .PHONY: run
 run: services ## Run the worker against the local services (set OFFBOARD__CXONE__* for a tenant)

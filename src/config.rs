@@ -48,6 +48,95 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+    #[serde(default)]
+    pub intake: IntakeSettings,
+}
+
+/// HTTP intake of signed CloudEvents webhooks (CONTRACT §13).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntakeSettings {
+    /// Unset: no HTTP intake.
+    #[serde(default)]
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub sources: BTreeMap<String, IntakeSource>,
+    /// A request (body read, checks, broker confirms) that takes longer fails.
+    #[serde(default = "default_intake_timeout")]
+    pub request_timeout_secs: u64,
+    /// A `webhook-id` seen again within this long is answered without publishing again.
+    #[serde(default = "default_replay_window")]
+    pub replay_window_secs: u64,
+    /// A `webhook-timestamp` further than this from now is refused (Standard Webhooks: 5 min).
+    #[serde(default = "default_timestamp_tolerance")]
+    pub timestamp_tolerance_secs: u64,
+}
+
+impl Default for IntakeSettings {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            sources: BTreeMap::new(),
+            request_timeout_secs: default_intake_timeout(),
+            replay_window_secs: default_replay_window(),
+            timestamp_tolerance_secs: default_timestamp_tolerance(),
+        }
+    }
+}
+
+fn default_intake_timeout() -> u64 {
+    10
+}
+fn default_replay_window() -> u64 {
+    600
+}
+fn default_timestamp_tolerance() -> u64 {
+    300
+}
+
+/// One HR system allowed to post events.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntakeSource {
+    /// The Standard Webhooks signing secret (`whsec_` + base64). Secret: never logged.
+    pub secret: Option<SecretString>,
+    pub secret_file: Option<PathBuf>,
+    /// Requests per second this source may send (429 with Retry-After beyond).
+    #[serde(default = "default_source_rps")]
+    pub requests_per_second: f64,
+    #[serde(default = "default_source_burst")]
+    pub burst: u32,
+}
+
+fn default_source_rps() -> f64 {
+    20.0
+}
+fn default_source_burst() -> u32 {
+    40
+}
+
+impl IntakeSource {
+    /// The HMAC key: the base64 after `whsec_`, decoded.
+    pub fn key(&self, name: &str) -> Result<Vec<u8>, ConfigError> {
+        use base64::Engine as _;
+        let field = format!("intake.sources.{name}.secret");
+        let secret = read_secret(&field, self.secret.as_ref(), self.secret_file.as_deref())?
+            .ok_or_else(|| ConfigError::invalid(&field, "is required (whsec_ + base64)"))?;
+        let raw = secret.expose_secret();
+        let b64 = raw.strip_prefix("whsec_").unwrap_or(raw);
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|_| {
+                ConfigError::invalid(&field, "is not whsec_ followed by base64 (value not shown)")
+            })?;
+        if key.len() < 16 {
+            return Err(ConfigError::invalid(
+                &field,
+                "is too short: at least 16 bytes of key after whsec_ (value not shown)",
+            ));
+        }
+        Ok(key)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -615,6 +704,51 @@ impl Settings {
                 ));
             }
         }
+
+        if let Some(listen) = &self.intake.listen {
+            listen
+                .parse::<SocketAddr>()
+                .map_err(|e| ConfigError::invalid("intake.listen", format!("`{listen}`: {e}")))?;
+            if self.intake.sources.is_empty() {
+                return Err(ConfigError::invalid(
+                    "intake.sources",
+                    "at least one source is needed when intake.listen is set",
+                ));
+            }
+        }
+        for (name, source) in &self.intake.sources {
+            if name.is_empty()
+                || !name.chars().all(|ch| {
+                    ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '-'
+                })
+            {
+                return Err(ConfigError::invalid(
+                    format!("intake.sources.{name}"),
+                    "source names are lower-case letters, digits, '_' and '-'",
+                ));
+            }
+            source.key(name)?;
+            let rps = source.requests_per_second;
+            if !(rps.is_finite() && rps > 0.0) {
+                return Err(ConfigError::invalid(
+                    format!("intake.sources.{name}.requests_per_second"),
+                    "must be a number above 0",
+                ));
+            }
+            positive(
+                &format!("intake.sources.{name}.burst"),
+                u64::from(source.burst),
+            )?;
+        }
+        positive(
+            "intake.request_timeout_secs",
+            self.intake.request_timeout_secs,
+        )?;
+        positive("intake.replay_window_secs", self.intake.replay_window_secs)?;
+        positive(
+            "intake.timestamp_tolerance_secs",
+            self.intake.timestamp_tolerance_secs,
+        )?;
 
         positive(
             "guard.max_destructive_per_window",

@@ -35,6 +35,7 @@ pub mod evidence;
 pub mod hr_export;
 pub mod hris;
 pub mod http;
+pub mod intake;
 pub mod metrics;
 pub mod saga;
 pub mod sim;

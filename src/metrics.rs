@@ -24,6 +24,17 @@ pub struct RouteLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IntakeLabel {
+    pub source: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabel {
     pub stage: String,
 }
@@ -86,6 +97,8 @@ pub struct Metrics {
     quota_replicas: Gauge,
     quota_fallbacks: Counter,
     sagas_handed_over: Counter,
+    intake_requests: Family<IntakeLabel, Counter>,
+    intake_published: Family<SourceLabel, Counter>,
     sla_revocations: Family<ResultLabel, Counter>,
     sla_limit: Gauge,
     oldest_unrevoked: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -312,6 +325,18 @@ impl Metrics {
             "Times Redis failed and this process fell back to its own limiter",
             quota_fallbacks.clone(),
         );
+        let intake_requests = Family::<IntakeLabel, Counter>::default();
+        registry.register(
+            "intake_requests",
+            "HTTP intake requests by source and answer code",
+            intake_requests.clone(),
+        );
+        let intake_published = Family::<SourceLabel, Counter>::default();
+        registry.register(
+            "intake_events_published",
+            "Events the HTTP intake published (broker-confirmed), by source",
+            intake_published.clone(),
+        );
         let sagas_handed_over = Counter::default();
         registry.register(
             "sagas_handed_over",
@@ -344,6 +369,8 @@ impl Metrics {
         Self {
             registry: Arc::new(registry),
             sagas_handed_over,
+            intake_requests,
+            intake_published,
             sla_revocations,
             sla_limit,
             oldest_unrevoked,
@@ -443,6 +470,21 @@ impl Metrics {
                     .get()
             })
             .sum()
+    }
+    pub fn intake_request(&self, source: &str, code: u16) {
+        self.intake_requests
+            .get_or_create(&IntakeLabel {
+                source: source.to_owned(),
+                code: code.to_string(),
+            })
+            .inc();
+    }
+    pub fn intake_published(&self, source: &str, events: usize) {
+        self.intake_published
+            .get_or_create(&SourceLabel {
+                source: source.to_owned(),
+            })
+            .inc_by(events as u64);
     }
     pub fn saga_handed_over(&self) {
         self.sagas_handed_over.inc();

@@ -17,6 +17,8 @@ use crate::metrics::Metrics;
 /// A started worker.
 pub struct Running {
     pub http_addr: SocketAddr,
+    /// Where the HTTP intake listens, when `intake.listen` is set.
+    pub intake_addr: Option<SocketAddr>,
     pub readiness: Arc<Readiness>,
     pub metrics: Metrics,
     task: JoinHandle<anyhow::Result<()>>,
@@ -48,6 +50,15 @@ pub async fn start<H: Handler>(
     )
     .await?;
     info!(%http_addr, "http endpoints up: /healthz /readyz /metrics");
+    // The HTTP intake stops taking webhooks the moment shutdown begins (the sender retries
+    // against another replica); the consumer drains after.
+    let intake = match settings.intake.listen {
+        Some(_) => {
+            Some(crate::intake::serve(&settings, metrics.clone(), shutdown.child_token()).await?)
+        }
+        None => None,
+    };
+    let intake_addr = intake.as_ref().map(|(a, _)| *a);
     let mut consumer = Consumer::new(
         settings,
         handler,
@@ -74,6 +85,9 @@ pub async fn start<H: Handler>(
         };
         let result = consumer.run(shutdown).await;
         drain_watch.abort();
+        if let Some((_, task)) = intake {
+            let _ = task.await;
+        }
         http_stop.cancel();
         let _ = http_task.await;
         info!("worker stopped");
@@ -81,6 +95,7 @@ pub async fn start<H: Handler>(
     });
     Ok(Running {
         http_addr,
+        intake_addr,
         readiness,
         metrics,
         task,

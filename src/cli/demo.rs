@@ -44,7 +44,15 @@ pub struct Args {
     /// The simulated tenant's API quota, requests per second (the worker is set to match).
     #[arg(long, default_value_t = 200.0)]
     pub rate_limit: f64,
+    /// Send the terminations as an HR system would over HTTP: signed CloudEvents batches to
+    /// the worker's intake (CONTRACT §13) instead of publishing to the broker. Also on with
+    /// DEMO_INTAKE=1.
+    #[arg(long, env = "DEMO_INTAKE", value_parser = clap::builder::FalseyValueParser::new())]
+    pub intake: bool,
 }
+
+/// Events per signed intake request in `--intake` mode.
+const INTAKE_BATCH: usize = 100;
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -124,6 +132,28 @@ pub async fn run(cli: &Cli, args: &Args) -> Result<ExitCode, Failure> {
     // Demo runs come one after another: their own admissions should not hold the next run.
     settings.guard.window_secs = settings.guard.window_secs.min(60);
     settings.worker.max_in_flight = settings.worker.max_in_flight.max(64);
+    // A signing secret of this run's own for the HTTP intake (never printed).
+    let intake_secret = if args.intake {
+        use base64::Engine as _;
+        let key: [u8; 32] = rand::random();
+        let secret = format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode(key)
+        );
+        settings.intake.listen = Some("127.0.0.1:0".to_owned());
+        settings.intake.sources.insert(
+            "demo".to_owned(),
+            crate::config::IntakeSource {
+                secret: Some(SecretString::from(secret)),
+                secret_file: None,
+                requests_per_second: 1000.0,
+                burst: 1000,
+            },
+        );
+        Some(key.to_vec())
+    } else {
+        None
+    };
     settings.amqp.prefetch = settings.amqp.prefetch.max(64);
     let bucket = settings.s3.bucket.clone();
 
@@ -189,15 +219,11 @@ pub async fn run(cli: &Cli, args: &Args) -> Result<ExitCode, Failure> {
         .await
         .context("consuming outcomes")?;
 
-    let publisher = conn.create_channel().await.context("channel")?;
-    publisher
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .context("confirms")?;
     let started = Instant::now();
     let mut published: BTreeMap<String, String> = BTreeMap::new();
+    let mut events = Vec::with_capacity(usize::try_from(args.users).unwrap_or_default());
     for n in 1..=args.users {
-        let event = json!({
+        events.push(json!({
             "specversion": "1.0",
             "id": format!("demo-{run_id}-{n}"),
             "source": "hris://demo/acme",
@@ -210,25 +236,44 @@ pub async fn run(cli: &Cli, args: &Args) -> Result<ExitCode, Failure> {
                 "employee": { "external_id": format!("E{n:06}") },
                 "reason": "involuntary",
             }
-        });
-        let body = serde_json::to_vec(&event).context("event json")?;
-        publisher
-            .basic_publish(
-                settings.amqp.events_exchange.as_str().into(),
-                "employee.terminated".into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default()
-                    .with_content_type("application/cloudevents+json".into())
-                    .with_delivery_mode(2),
-            )
-            .await
-            .context("publishing")?;
+        }));
     }
-    publisher
-        .wait_for_confirms()
-        .await
-        .context("waiting for publish confirms")?;
+    match (&intake_secret, running.intake_addr) {
+        (Some(key), Some(addr)) => {
+            let url = format!("http://{addr}/v1/sources/demo/events");
+            println!(
+                "sending {} terminations as signed CloudEvents batches of {INTAKE_BATCH} to {url}",
+                args.users
+            );
+            send_over_intake(&http, &url, key, &run_id, &events).await?;
+        }
+        _ => {
+            let publisher = conn.create_channel().await.context("channel")?;
+            publisher
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .context("confirms")?;
+            for event in &events {
+                let body = serde_json::to_vec(event).context("event json")?;
+                publisher
+                    .basic_publish(
+                        settings.amqp.events_exchange.as_str().into(),
+                        "employee.terminated".into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        BasicProperties::default()
+                            .with_content_type("application/cloudevents+json".into())
+                            .with_delivery_mode(2),
+                    )
+                    .await
+                    .context("publishing")?;
+            }
+            publisher
+                .wait_for_confirms()
+                .await
+                .context("waiting for publish confirms")?;
+        }
+    }
 
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         ProgressBar::new(args.users)
@@ -421,6 +466,39 @@ async fn evidence_report(
     let path = dir.join("demo-evidence.html");
     std::fs::write(&path, html::render(&meta, &rows, &counts))?;
     Ok(path.display().to_string())
+}
+
+/// Posts `events` to the intake in signed batches, as an HR system would; every batch must be
+/// answered 202 (the broker has it).
+async fn send_over_intake(
+    http: &reqwest::Client,
+    url: &str,
+    key: &[u8],
+    run_id: &str,
+    events: &[serde_json::Value],
+) -> anyhow::Result<()> {
+    let signer = crate::intake::webhook::Verifier::new(key.to_vec(), 300);
+    for (i, batch) in events.chunks(INTAKE_BATCH).enumerate() {
+        let body = serde_json::to_vec(batch).context("batch json")?;
+        let id = format!("demo-{run_id}-batch-{i}");
+        let ts = Utc::now().timestamp();
+        let resp = http
+            .post(url)
+            .header("content-type", "application/cloudevents-batch+json")
+            .header("webhook-id", &id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", signer.sign(&id, ts, &body))
+            .body(body)
+            .send()
+            .await
+            .context("posting to the intake")?;
+        let status = resp.status();
+        if status != reqwest::StatusCode::ACCEPTED {
+            let text = resp.text().await.unwrap_or_default();
+            anyhow::bail!("the intake answered {status}: {text}");
+        }
+    }
+    Ok(())
 }
 
 async fn cleanup(conn: &lapin::Connection, amqp: &crate::config::AmqpSettings) {

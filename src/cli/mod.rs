@@ -6,6 +6,7 @@ pub mod demo;
 pub mod dlq;
 pub mod evidence;
 pub mod guard;
+pub mod intake;
 pub mod publish;
 pub mod reconcile;
 pub mod replay;
@@ -88,6 +89,8 @@ pub enum Command {
     Evidence(evidence::Args),
     /// Find leavers who still have access: CXone users not on the roster, or re-enabled by hand.
     Reconcile(reconcile::Args),
+    /// Serve the HTTP intake alone: signed CloudEvents webhooks from HR systems, published to the events exchange.
+    Intake(intake::Args),
 }
 
 /// A failure with the exit code it deserves.
@@ -158,6 +161,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Demo(args) => demo::run(&cli, args).await,
         Command::Evidence(args) => evidence::run(&cli, args).await,
         Command::Reconcile(args) => reconcile::run(&cli, args).await,
+        Command::Intake(args) => intake::run(&cli, args).await,
     };
     match result {
         Ok(code) => code,

@@ -119,6 +119,16 @@ def one(docs, kind: str) -> dict:
     return found[0]
 
 
+def worker_deployment(docs) -> dict:
+    """The worker's Deployment (the intake, when enabled, has its own)."""
+    found = [
+        d for d in by_kind(docs, "Deployment")
+        if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"
+    ]
+    assert len(found) == 1, f"expected one worker Deployment, found {len(found)}"
+    return found[0]
+
+
 def config_map(docs) -> dict:
     """The worker's ConfigMap (config.toml); the dashboard has its own."""
     found = [d for d in by_kind(docs, "ConfigMap") if "config.toml" in d.get("data", {})]
@@ -142,7 +152,7 @@ def pod_specs(docs) -> list[tuple[str, dict]]:
 
 
 def worker_container(docs) -> dict:
-    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
+    spec = worker_deployment(docs)["spec"]["template"]["spec"]
     return next(c for c in spec["containers"] if c["name"] == "worker")
 
 
@@ -216,12 +226,12 @@ def test_grace_period_follows_worker_values(tmp_path):
     docs = render(tmp_path, REQUIRED_SECRETS,
                   {"worker": {"shutdownGraceSecs": 100, "terminationGraceMarginSecs": 20}})
     assert rendered_config(docs)["worker"]["shutdown_grace_secs"] == 100
-    assert one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+    assert worker_deployment(docs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
 
 
 @params
 def test_rolling_update_keeps_consumers(values_file):
-    strategy = one(render_file(values_file), "Deployment")["spec"]["strategy"]
+    strategy = worker_deployment(render_file(values_file))["spec"]["strategy"]
     assert strategy["rollingUpdate"]["maxUnavailable"] == 0
 
 
@@ -241,10 +251,9 @@ def test_worker_command_probes_and_port(values_file):
     assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
     assert c["resources"]["requests"] and c["resources"]["limits"]
-    svc = one(docs, "Service")
-    assert svc["spec"]["ports"][0]["targetPort"] == "http-metrics"
+    svc = next(s for s in by_kind(docs, "Service") if s["spec"]["ports"][0]["targetPort"] == "http-metrics")
     selector = svc["spec"]["selector"]
-    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    pod_labels = worker_deployment(docs)["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= pod_labels.items()
 
 
@@ -327,7 +336,7 @@ def test_max_in_flight_feeds_config_and_keda(tmp_path):
 
 
 def test_config_changes_roll_the_pods(tmp_path):
-    a = one(render(tmp_path, REQUIRED_SECRETS), "Deployment")
+    a = worker_deployment(render(tmp_path, REQUIRED_SECRETS))
     b = one(render(tmp_path, REQUIRED_SECRETS, {"config": {"s3": {"bucket": "other-bucket"}}}),
             "Deployment")
     key = "checksum/config"
@@ -402,6 +411,8 @@ def test_secrets_reach_the_worker_from_the_secret_only(values_file):
                 if existing or dig(values, *OPTIONAL_SECRET_VALUES[var])}
     for _, spec in pod_specs(docs):
         for c in spec["containers"]:
+            if c["name"] == "intake":
+                continue  # test_intake_deployment_service_hpa_and_ingress
             env = {e["name"]: e for e in c["env"]}
             for var, key in expected.items():
                 assert "value" not in env[var], f"{var} inlined"
@@ -417,6 +428,8 @@ def test_secrets_reach_the_worker_from_the_secret_only(values_file):
                 assert env[var]["valueFrom"]["secretKeyRef"] == ref
             assert "envFrom" not in c
     expected.update({} if existing else optional)
+    if (values.get("intake") or {}).get("enabled"):
+        expected.update({n: f"intake-{n}-secret" for n in values["intake"]["sources"]})
     secrets = by_kind(docs, "Secret")
     if values.get("existingSecret"):
         assert secrets == [], "existingSecret set, yet the chart rendered a Secret"
@@ -435,7 +448,7 @@ def test_irsa_annotation_on_service_account():
     docs = render_file(VALUES_DIR / "existing-secret.yaml")
     sa = one(docs, "ServiceAccount")
     assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
-    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
+    spec = worker_deployment(docs)["spec"]["template"]["spec"]
     assert spec["serviceAccountName"] == sa["metadata"]["name"]
 
 
@@ -446,7 +459,7 @@ def test_keda_scaled_object(values_file):
     docs = render_file(values_file)
     values = yaml.safe_load(values_file.read_text()) or {}
     keda_on = values.get("keda", {}).get("enabled", True)
-    deployment = one(docs, "Deployment")
+    deployment = worker_deployment(docs)
     if not keda_on:
         assert not by_kind(docs, "ScaledObject") and not by_kind(docs, "TriggerAuthentication")
         return
@@ -478,7 +491,9 @@ def test_keda_scaled_object(values_file):
     env = {e["name"]: e for e in worker_container(docs)["env"]}
     amqp_ref = env["OFFBOARD__AMQP__URL"]["valueFrom"]["secretKeyRef"]
     assert ref == {"parameter": "host", "name": amqp_ref["name"], "key": amqp_ref["key"]}
-    assert not by_kind(docs, "HorizontalPodAutoscaler"), "KEDA makes its own HPA"
+    assert not [h for h in by_kind(docs, "HorizontalPodAutoscaler")
+                if h["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]], \
+        "KEDA makes the worker's HPA"
 
 
 def test_keda_defaults_watch_the_contract_queues():
@@ -500,21 +515,21 @@ def test_queue_name_follows_config(tmp_path):
 def test_hpa_when_keda_is_off():
     docs = render_file(VALUES_DIR / "keda-off.yaml")
     hpa = one(docs, "HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"]["name"] == one(docs, "Deployment")["metadata"]["name"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == worker_deployment(docs)["metadata"]["name"]
     assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
 
 
 def test_fixed_replicas_without_autoscaling():
     docs = render_file(VALUES_DIR / "existing-secret.yaml")
     assert not by_kind(docs, "HorizontalPodAutoscaler") and not by_kind(docs, "ScaledObject")
-    assert one(docs, "Deployment")["spec"]["replicas"] == 3
+    assert worker_deployment(docs)["spec"]["replicas"] == 3
 
 
 @params
 def test_pdb_selects_the_worker_pods(values_file):
     docs = render_file(values_file)
     pdb = one(docs, "PodDisruptionBudget")
-    labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    labels = worker_deployment(docs)["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     # Replay Job pods are not worker pods.
     for name, spec in pod_specs(docs):
@@ -548,7 +563,7 @@ def test_network_policy():
             (9000, "TCP")} <= ports
     [ingress] = np["spec"]["ingress"]
     assert ingress["ports"] == [{"port": "http-metrics", "protocol": "TCP"}]
-    labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    labels = worker_deployment(docs)["spec"]["template"]["metadata"]["labels"]
     assert np["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
     assert not by_kind(render_file(VALUES_DIR / "defaults.yaml"), "NetworkPolicy")
 
@@ -599,8 +614,8 @@ def test_shared_quota_and_control_key_from_the_chart_secret():
     assert "redis://" not in text and "example-redis-password" not in text
     assert rendered_config(docs)["cxone"]["rate_limit"]["redis_key"] == values["quota"]["redisKey"]
     # A Redis URL changes the pods' environment: they roll.
-    annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
-    plain = one(render_file(VALUES_DIR / "defaults.yaml"), "Deployment")
+    annotations = worker_deployment(docs)["spec"]["template"]["metadata"]["annotations"]
+    plain = worker_deployment(render_file(VALUES_DIR / "defaults.yaml"))
     assert annotations["checksum/secret"] != \
         plain["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
 
@@ -896,3 +911,68 @@ def test_rate_limit_from_set_is_a_number(tmp_path):
     docs = render(tmp_path, REQUIRED_SECRETS,
                   {"config": {"cxone": {"rate_limit": {"requests_per_second": "2.5"}}}})
     assert rendered_config(docs)["cxone"]["rate_limit"]["requests_per_second"] == 2.5
+
+
+# --- HTTP intake -------------------------------------------------------------------------
+
+def test_intake_absent_by_default():
+    docs = render_file(VALUES_DIR / "defaults.yaml")
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-intake")]
+    assert not by_kind(docs, "Ingress")
+
+
+def test_intake_deployment_service_hpa_and_ingress():
+    docs = render_file(VALUES_DIR / "intake.yaml")
+    deployments = {d["metadata"]["name"]: d for d in by_kind(docs, "Deployment")}
+    intake = deployments["offboard-cxone-offboard-intake"]
+    pod = intake["spec"]["template"]
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "intake"
+    (c,) = pod["spec"]["containers"]
+    assert c["args"][-3:] == ["intake", "--listen", "0.0.0.0:8080"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    env = {e["name"]: e for e in c["env"]}
+    # Only the broker URL and the source secrets: the intake never talks to CXone or S3.
+    assert env["OFFBOARD__AMQP__URL"]["valueFrom"]["secretKeyRef"]["key"] == "amqp-url"
+    for name in ("WORKDAY", "BAMBOO_HR"):
+        ref = env[f"OFFBOARD__INTAKE__SOURCES__{name}__SECRET"]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] == f"intake-{name.lower()}-secret"
+    assert env["OFFBOARD__INTAKE__SOURCES__WORKDAY__REQUESTS_PER_SECOND"]["value"] == "20"
+    assert not [k for k in env if "CXONE" in k]
+    secret = one(docs, "Secret")
+    assert base64.b64decode(secret["data"]["intake-workday-secret"]).decode().startswith("whsec_")
+    # Scales on CPU, not on the queue.
+    hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in by_kind(docs, "HorizontalPodAutoscaler")}
+    assert hpas["offboard-cxone-offboard-intake"]["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
+    svc = services["offboard-cxone-offboard-intake"]
+    assert svc["spec"]["selector"]["app.kubernetes.io/component"] == "intake"
+    ingress = one(docs, "Ingress")
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    assert rule["host"] == "hr-intake.example.com"
+    assert path["path"] == "/v1/sources" and path["backend"]["service"]["name"] == svc["metadata"]["name"]
+    # The worker's own Service and PDB do not select intake pods.
+    worker_svc = services["offboard-cxone-offboard"]
+    assert worker_svc["spec"]["selector"]["app.kubernetes.io/component"] == "worker"
+    policy = one(docs, "NetworkPolicy")
+    ports = [p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])]
+    assert "http-intake" in ports
+
+
+def test_intake_source_without_secret_fails(tmp_path):
+    err = render_fails(tmp_path, REQUIRED_SECRETS, {"intake": {"enabled": True, "sources": {"workday": {}}}})
+    assert "secrets.intakeSecrets.workday" in err
+
+
+def test_intake_secret_without_source_fails(tmp_path):
+    err = render_fails(tmp_path, REQUIRED_SECRETS, {
+        "intake": {"enabled": True, "sources": {"workday": {}}},
+        "secrets": {"intakeSecrets": {"workday": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                                      "rippling": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}},
+    })
+    assert "intake.sources.rippling" in err
+
+
+def test_intake_without_sources_fails(tmp_path):
+    err = render_fails(tmp_path, REQUIRED_SECRETS, {"intake": {"enabled": True}})
+    assert "intake.sources" in err

@@ -21,3 +21,4 @@ mod s3_servers;
 mod safety;
 mod saga;
 mod sim;
+mod webhooks;
