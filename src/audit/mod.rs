@@ -5,4 +5,5 @@
 pub mod export;
 pub mod html;
 pub mod reconcile;
+pub mod status;
 pub mod verify;

@@ -220,6 +220,7 @@ pub async fn run(cli: &Cli, args: &Args) -> Result<ExitCode, Failure> {
         .context("consuming outcomes")?;
 
     let started = Instant::now();
+    let since = Utc::now() - chrono::Duration::seconds(1);
     let mut published: BTreeMap<String, String> = BTreeMap::new();
     let mut events = Vec::with_capacity(usize::try_from(args.users).unwrap_or_default());
     for n in 1..=args.users {
@@ -316,6 +317,14 @@ pub async fn run(cli: &Cli, args: &Args) -> Result<ExitCode, Failure> {
 
     shutdown.cancel();
     let _ = running.wait().await;
+    // What `cxone-offboard status` shows for this run (read before the run's queues go).
+    let status_table = {
+        let store = crate::store::S3::new(&settings.s3).await;
+        let mut cache = super::status::Cache::default();
+        super::status::snapshot(&settings, &store, since, &mut cache)
+            .await
+            .map(|s| super::status::render(&s))
+    };
     let stats: Value = match http
         .get(format!("{}/_sim/stats", sim.base_url()))
         .send()
@@ -359,28 +368,28 @@ pub async fn run(cli: &Cli, args: &Args) -> Result<ExitCode, Failure> {
     revoke_times.sort_by(|a, b| a.total_cmp(b));
     complete_times.sort_by(|a, b| a.total_cmp(b));
     println!();
-    println!("{:<22} {:>8}", "status", "sagas");
-    for (status, n) in &by_status {
-        let note = if status == "DEACTIVATED_ONLY" {
-            format!("   ({refusing}: CXone refused the deletion; access is revoked)")
-        } else {
-            String::new()
-        };
-        println!("{status:<22} {n:>8}{note}");
+    match status_table {
+        Ok(table) => print!("{table}"),
+        Err(e) => eprintln!("warning: no status table: {:#}", e.error),
+    }
+    if by_status.contains_key("DEACTIVATED_ONLY") {
+        println!(
+            "                      DEACTIVATED_ONLY: {refusing}'s account is IdP-managed, CXone \
+             refused the deletion; access is revoked"
+        );
     }
     println!(
-        "{:<22} {:>8}",
-        "not finished",
+        "not finished          {}",
         args.users - finished.len() as u64
     );
     println!();
     println!(
-        "time to revoke         p50 {:>6.2} s   p99 {:>6.2} s   (published → login blocked, sessions ended, keys deleted)",
+        "published → revoked    p50 {:>6.2} s   p99 {:>6.2} s   (the HR system's view: login blocked, sessions ended, keys deleted)",
         pct(&revoke_times, 50.0),
         pct(&revoke_times, 99.0)
     );
     println!(
-        "time to complete       p50 {:>6.2} s   p99 {:>6.2} s",
+        "published → completed  p50 {:>6.2} s   p99 {:>6.2} s",
         pct(&complete_times, 50.0),
         pct(&complete_times, 99.0)
     );

@@ -11,6 +11,7 @@ pub mod publish;
 pub mod reconcile;
 pub mod replay;
 pub mod saga;
+pub mod status;
 pub mod verify;
 pub mod worker;
 
@@ -91,6 +92,8 @@ pub enum Command {
     Reconcile(reconcile::Args),
     /// Serve the HTTP intake alone: signed CloudEvents webhooks from HR systems, published to the events exchange.
     Intake(intake::Args),
+    /// Layoff-day progress: sagas per stage and status, rate and ETA, time to revoke, SLA, what is held or failed.
+    Status(status::Args),
 }
 
 /// A failure with the exit code it deserves.
@@ -162,6 +165,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Evidence(args) => evidence::run(&cli, args).await,
         Command::Reconcile(args) => reconcile::run(&cli, args).await,
         Command::Intake(args) => intake::run(&cli, args).await,
+        Command::Status(args) => status::run(&cli, args).await,
     };
     match result {
         Ok(code) => code,

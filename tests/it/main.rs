@@ -21,4 +21,5 @@ mod s3_servers;
 mod safety;
 mod saga;
 mod sim;
+mod status;
 mod webhooks;
