@@ -2505,6 +2505,186 @@ async fn memory(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Workload 10: `evidence export` over 20,000 stored sagas (20 days of 1,000), the whole period
+/// and one day of it, with the release binary against s3s-fs. The journals are written
+/// directly through the library (with their day index), as completed sagas would leave them.
+async fn evidence_export(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
+    use cxone_offboard::saga::journal::{self, FinalStatus, SagaState, Stored};
+    let days: i64 = 20;
+    let per_day: i64 = if opts.quick { 100 } else { 1000 };
+    let total = days * per_day;
+    let stack = Stack::start(
+        opts,
+        "export",
+        &SimArgs {
+            users: 1,
+            interactions: 1,
+            rate_limit: None,
+        },
+        1,
+    )?;
+    let env: Vec<(String, String)> = vec![
+        ("OFFBOARD__S3__ENDPOINT".to_owned(), stack.s3_url.clone()),
+        ("OFFBOARD__S3__BUCKET".to_owned(), stack.bucket.clone()),
+        ("AWS_ACCESS_KEY_ID".to_owned(), "test".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY".to_owned(), "test".to_owned()),
+        ("AWS_REGION".to_owned(), "us-east-1".to_owned()),
+        ("AWS_EC2_METADATA_DISABLED".to_owned(), "true".to_owned()),
+    ];
+    let settings = cxone_offboard::config::Settings::load_from(
+        None,
+        env.iter()
+            .cloned()
+            .collect::<std::collections::HashMap<String, String>>(),
+    )
+    .context("settings for the export workload")?;
+    let store = Arc::new(cxone_offboard::store::S3::new(&settings.s3).await);
+    let first_day = (Utc::now() - chrono::Duration::days(days + 1)).date_naive();
+    let day0 = first_day
+        .and_hms_opt(0, 0, 0)
+        .context("midnight")?
+        .and_utc();
+    let seeding = Instant::now();
+    let rules = cxone_offboard::event::Rules::default();
+    let jobs: Vec<(i64, cxone_offboard::event::Event)> = (0..total)
+        .map(|i| {
+            let body = serde_json::json!({
+                "specversion": "1.0", "id": format!("bench-export-{i}"), "source": "hris://bench",
+                "type": "employee.terminated",
+                "data": {"employee": {"external_id": format!("E{i:06}")}, "reason": "involuntary"}
+            });
+            (
+                i,
+                rules
+                    .parse(body.to_string().as_bytes())
+                    .expect("valid event"),
+            )
+        })
+        .collect();
+    let results: Vec<anyhow::Result<()>> = futures_util::stream::iter(jobs)
+        .map(|(i, event)| {
+            let store = store.clone();
+            async move {
+                let day = i / per_day;
+                let at = day0
+                    + chrono::Duration::days(day)
+                    + chrono::Duration::seconds((i % per_day) * 60);
+                let saga_id = event.saga_id();
+                let mut j = journal::Journal::new(&saga_id, &event, at);
+                j.revoked_at = Some(at + chrono::Duration::seconds(30 + i % 90));
+                j.verified_at = j.revoked_at;
+                j.state = SagaState::Completed;
+                j.status = Some(FinalStatus::Deleted);
+                let mut stored = Stored {
+                    journal: j,
+                    etag: None,
+                };
+                journal::save(store.as_ref(), &mut stored).await?;
+                journal::write_indexes(store.as_ref(), &format!("E{i:06}"), &saga_id, at).await?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    let seed_secs = seeding.elapsed().as_secs_f64();
+    let load = settle(0.1, Duration::from_secs(if opts.quick { 5 } else { 30 }));
+    let export = |since: DateTime<Utc>, until: DateTime<Utc>| -> anyhow::Result<(f64, usize)> {
+        let out = stack.dir.join("export.csv");
+        let began = Instant::now();
+        let status = Command::new(BIN)
+            .args([
+                "evidence",
+                "export",
+                "--since",
+                &since.to_rfc3339_opts(SecondsFormat::Secs, true),
+                "--until",
+                &until.to_rfc3339_opts(SecondsFormat::Secs, true),
+                "--format",
+                "csv",
+                "--out",
+            ])
+            .arg(&out)
+            .envs(env.iter().cloned())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        let secs = began.elapsed().as_secs_f64();
+        if !status.success() {
+            bail!("evidence export exited {status}");
+        }
+        let rows = std::fs::read_to_string(&out)?
+            .lines()
+            .count()
+            .saturating_sub(1);
+        Ok((secs, rows))
+    };
+    let whole_until = day0 + chrono::Duration::days(days);
+    let one_since = day0 + chrono::Duration::days(days / 2);
+    let one_until = one_since + chrono::Duration::days(1);
+    let mut all = Vec::new();
+    let mut one = Vec::new();
+    let mut rows = (0, 0);
+    let runs = if opts.quick { 1 } else { opts.runs };
+    for _ in 0..runs {
+        let (t, n) = export(day0, whole_until)?;
+        all.push(t);
+        rows.0 = n;
+        let (t, n) = export(one_since, one_until)?;
+        one.push(t);
+        rows.1 = n;
+    }
+    stack.cleanup().await;
+    if rows.0 != total as usize || rows.1 != per_day as usize {
+        bail!(
+            "export rows {} and {} instead of {total} and {per_day}",
+            rows.0,
+            rows.1
+        );
+    }
+    let (m_all, ..) = mmm(&all);
+    let m = &mut rep.md;
+    let _ = writeln!(
+        m,
+        "\n## 10. Evidence export: {total} stored sagas, the whole period and one day\n"
+    );
+    let _ = writeln!(
+        m,
+        "{total} completed sagas over {days} days ({per_day} a day), written with their day index \
+         to s3s-fs in {seed_secs:.0} s (64 at a time), then `cxone-offboard evidence export \
+         --format csv` (release binary, a new process each time) for the {days} days and for \
+         one day of them. The sagas carry no manifest, so no manifest is verified: with \
+         manifests, add one GET per saga (the export verifies 16 at a time). Load before: {load}.\n"
+    );
+    let _ = writeln!(
+        m,
+        "| export | rows | measured: median (min–max) of {runs} run(s) |\n|---|---|---|"
+    );
+    let _ = writeln!(
+        m,
+        "| {days} days | {} | {} |",
+        rows.0,
+        fmt_mmm(&all, 2, " s")
+    );
+    let _ = writeln!(m, "| 1 day | {} | {} |", rows.1, fmt_mmm(&one, 2, " s"));
+    rep.row(
+        &format!("10. Evidence export of {total} sagas"),
+        "—",
+        format!(
+            "{} (one day of them: {})",
+            fmt_mmm(&all, 1, " s"),
+            fmt_mmm(&one, 2, " s")
+        ),
+        None,
+    );
+    let _ = m_all;
+    Ok(())
+}
+
 async fn startup(opts: &Opts, rep: &mut Report) -> anyhow::Result<()> {
     let runs = if opts.quick { 3 } else { 5.max(opts.runs) };
     let load = settle(0.1, Duration::from_secs(if opts.quick { 5 } else { 30 }));
@@ -2808,6 +2988,9 @@ fn main() -> anyhow::Result<()> {
         if opts.wants("simtp") {
             sim_throughput(&opts, &mut rep).await?;
         }
+        if opts.wants("export") {
+            evidence_export(&opts, &mut rep).await?;
+        }
         anyhow::Ok(())
     });
     if std::env::var_os("BENCH_KEEP").is_none() {
@@ -2847,7 +3030,7 @@ fn main() -> anyhow::Result<()> {
     let _ = writeln!(md, "\n## Machine and versions\n\n{}", machine());
     let _ = writeln!(
         md,
-        "## Reproduce\n\n```sh\nmake bench         # all workloads, 3 runs each; writes BENCHMARKS.md and docs/bench/*.svg (~40 min)\nmake bench-quick   # scaled down, 1 run each; writes target/bench-quick/ (~3 min)\n# one workload: scripts/bench.sh --only layoff   (layoff,client,scaleout,quota,quota-down,overhead,memory,startup,simtp)\n```\n\n`scripts/bench.sh` starts RabbitMQ and installs moto if needed (`scripts/services.sh up`), then runs `cargo bench --bench offboard -- ARGS`. Each run uses a fresh moto instance and bucket, random broker-name prefixes (deleted afterwards), its own simulator process, and waits (≤ 30 s) for the machine to be quiet first (≥ 90 % of the CPU idle over one second).\n"
+        "## Reproduce\n\n```sh\nmake bench         # all workloads, 3 runs each; writes BENCHMARKS.md and docs/bench/*.svg (~40 min)\nmake bench-quick   # scaled down, 1 run each; writes target/bench-quick/ (~3 min)\n# one workload: scripts/bench.sh --only layoff   (layoff,client,scaleout,quota,quota-down,overhead,memory,startup,simtp,export)\n```\n\n`scripts/bench.sh` starts RabbitMQ and installs moto if needed (`scripts/services.sh up`), then runs `cargo bench --bench offboard -- ARGS`. Each run uses a fresh moto instance and bucket, random broker-name prefixes (deleted afterwards), its own simulator process, and waits (≤ 30 s) for the machine to be quiet first (≥ 90 % of the CPU idle over one second).\n"
     );
     md.push_str(&rep.md);
     md.push('\n');

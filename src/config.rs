@@ -167,9 +167,25 @@ pub struct AmqpSettings {
 }
 
 impl AmqpSettings {
-    /// The URL with any password replaced, fit for logs and error messages.
+    /// The URL(s) with any password replaced, fit for logs and error messages; several nodes
+    /// of a cluster are joined with `,` as configured.
     pub fn redacted_url(&self) -> String {
-        redact_url(self.url.expose_secret())
+        self.node_urls()
+            .iter()
+            .map(|u| redact_url(u))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The nodes of `amqp.url`: one URL, or several comma-separated URLs of one cluster, in
+    /// the order given. Secret: each may carry a password.
+    pub fn node_urls(&self) -> Vec<&str> {
+        self.url
+            .expose_secret()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
     }
 
     /// The configured control-header key material, if any.
@@ -498,7 +514,16 @@ impl Settings {
     /// Range and shape checks that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let a = &self.amqp;
-        check_url("amqp.url", a.url.expose_secret(), &["amqp", "amqps"])?;
+        let nodes = a.node_urls();
+        if nodes.is_empty() {
+            return Err(ConfigError::invalid(
+                "amqp.url",
+                "is empty: one amqp:// URL, or several comma-separated URLs of one cluster",
+            ));
+        }
+        for node in nodes {
+            check_url("amqp.url", node, &["amqp", "amqps"])?;
+        }
         positive("amqp.prefetch", u64::from(a.prefetch))?;
         positive("amqp.delivery_limit", u64::from(a.delivery_limit))?;
         positive(
@@ -1035,5 +1060,39 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let err = load(&[("OFFBOARD__AMQP__PREFECH", "3")]).expect_err("typo");
         assert!(err.to_string().contains("prefech"), "{err}");
+    }
+
+    #[test]
+    fn several_broker_urls_are_the_nodes_of_a_cluster_and_every_password_is_redacted() {
+        let s = Settings::load_from(
+            None,
+            [(
+                "OFFBOARD__AMQP__URL".to_owned(),
+                "amqp://u:pw1@n1:5672/%2f, amqp://u:pw2@n2:5672/%2f,amqps://u:pw3@n3:5671/%2f"
+                    .to_owned(),
+            )]
+            .into_iter()
+            .collect::<std::collections::HashMap<String, String>>(),
+        )
+        .expect("valid");
+        assert_eq!(s.amqp.node_urls().len(), 3);
+        assert_eq!(s.amqp.node_urls()[1], "amqp://u:pw2@n2:5672/%2f");
+        let shown = s.amqp.redacted_url();
+        for pw in ["pw1", "pw2", "pw3"] {
+            assert!(!shown.contains(pw), "{shown}");
+        }
+        assert_eq!(shown.matches("u:***@").count(), 3, "{shown}");
+        let bad = Settings::load_from(
+            None,
+            [(
+                "OFFBOARD__AMQP__URL".to_owned(),
+                "amqp://u:pw1@n1:5672/%2f,http://u:pw2@n2/".to_owned(),
+            )]
+            .into_iter()
+            .collect::<std::collections::HashMap<String, String>>(),
+        )
+        .expect_err("one node is not amqp");
+        let text = bad.to_string();
+        assert!(text.contains("amqp.url") && !text.contains("pw2"), "{text}");
     }
 }

@@ -14,28 +14,67 @@ pub mod publisher;
 pub mod sessions;
 pub mod topology;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
 use lapin::{Connection, ConnectionProperties};
-use secrecy::ExposeSecret;
 
 use crate::config::AmqpSettings;
 
-/// Opens a connection named after this process (visible in the management UI).
+/// The node of `amqp.url` this process last connected to: the next connection tries it first,
+/// then the others in order, so a process whose node went away moves on at once (a refused or
+/// silent node costs at most [`NODE_CONNECT_TIMEOUT`]) and does not wait for that node to return.
+static PREFERRED_NODE: AtomicUsize = AtomicUsize::new(0);
+
+/// How long one node may take to accept a connection before the next is tried.
+pub const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens a connection named after this process (visible in the management UI) to the first
+/// node of `amqp.url` that answers (CONTRACT §7: several comma-separated URLs are the nodes of
+/// one cluster).
 pub async fn connect(settings: &AmqpSettings, role: &str) -> anyhow::Result<Connection> {
     let name = format!(
         "cxone-offboard {role} {}@{}",
         std::process::id(),
         crate::hostname()
     );
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(settings.url.expose_secret(), props)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "connecting to the broker at {}: {}",
-                settings.redacted_url(),
+    let nodes = settings.node_urls();
+    let start = PREFERRED_NODE.load(Ordering::Relaxed) % nodes.len().max(1);
+    let mut failures = Vec::new();
+    for i in (0..nodes.len()).map(|k| (start + k) % nodes.len()) {
+        let props = ConnectionProperties::default().with_connection_name(name.clone().into());
+        let attempt =
+            tokio::time::timeout(NODE_CONNECT_TIMEOUT, Connection::connect(nodes[i], props)).await;
+        match attempt {
+            Ok(Ok(conn)) => {
+                if i != start {
+                    tracing::info!(
+                        node = %crate::config::redact_url(nodes[i]),
+                        "connected to another node of the cluster"
+                    );
+                }
+                PREFERRED_NODE.store(i, Ordering::Relaxed);
+                return Ok(conn);
+            }
+            Ok(Err(e)) => failures.push(format!(
+                "{}: {}",
+                crate::config::redact_url(nodes[i]),
                 describe(&e)
-            )
-        })
+            )),
+            Err(_) => failures.push(format!(
+                "{}: no answer within {} s",
+                crate::config::redact_url(nodes[i]),
+                NODE_CONNECT_TIMEOUT.as_secs()
+            )),
+        }
+    }
+    match failures.as_slice() {
+        [one] => Err(anyhow::anyhow!("connecting to the broker at {one}")),
+        _ => Err(anyhow::anyhow!(
+            "connecting to the broker: no node answered ({})",
+            failures.join("; ")
+        )),
+    }
 }
 
 /// A broker error in one line, its cause said once (lapin's message already includes its

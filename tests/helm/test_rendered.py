@@ -976,3 +976,37 @@ def test_intake_secret_without_source_fails(tmp_path):
 def test_intake_without_sources_fails(tmp_path):
     err = render_fails(tmp_path, REQUIRED_SECRETS, {"intake": {"enabled": True}})
     assert "intake.sources" in err
+
+
+# --- reconcile CronJob -------------------------------------------------------------------
+
+def test_reconcile_cronjob_absent_by_default():
+    assert not by_kind(render_file(VALUES_DIR / "defaults.yaml"), "CronJob")
+
+
+def test_reconcile_cronjob_from_a_configmap():
+    docs = render_file(VALUES_DIR / "network-policy.yaml")
+    cron = one(docs, "CronJob")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["args"] == ["--config", CONFIG_PATH, "reconcile", "--roster",
+                         "/etc/cxone-offboard-roster/roster.csv", "--json", "--publish"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["roster"]["configMap"]["name"] == "hr-roster"
+    assert any(m["mountPath"] == "/etc/cxone-offboard-roster" for m in c["volumeMounts"])
+
+
+def test_reconcile_cronjob_from_s3(tmp_path):
+    docs = render(tmp_path, REQUIRED_SECRETS, {"reconcileJob": {
+        "enabled": True, "rosterUri": "s3://hr-exports/active.csv", "timeZone": "Europe/Berlin"}})
+    cron = one(docs, "CronJob")
+    assert cron["spec"]["timeZone"] == "Europe/Berlin"
+    (c,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert c["args"][-3:] == ["--roster", "s3://hr-exports/active.csv", "--json"]
+    assert "--publish" not in c["args"]
+
+
+def test_reconcile_cronjob_needs_a_roster(tmp_path):
+    err = render_fails(tmp_path, REQUIRED_SECRETS, {"reconcileJob": {"enabled": True}})
+    assert "reconcileJob.rosterUri" in err

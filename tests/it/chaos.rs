@@ -125,18 +125,31 @@ async fn restart_broker(down_for: Duration) {
 
 /// `(name, ready, unacked)` of every queue whose name starts with `prefix`.
 pub(crate) fn queues(prefix: &str) -> Vec<(String, u64, u64)> {
-    let out = Command::new("rabbitmqctl")
-        .args([
-            "-q",
-            "list_queues",
-            "--no-table-headers",
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        ])
-        .output()
-        .expect("rabbitmqctl list_queues");
-    String::from_utf8_lossy(&out.stdout)
+    // In a cluster, ask the first node that answers.
+    let mut stdout = Vec::new();
+    for node in crate::helpers::rabbitmq_nodes() {
+        let mut cmd = Command::new("rabbitmqctl");
+        if let Some(n) = &node {
+            // The cluster's nodes share the system broker's Erlang cookie.
+            cmd.args(["-n", n]).env("HOME", "/var/lib/rabbitmq");
+        }
+        let out = cmd
+            .args([
+                "-q",
+                "list_queues",
+                "--no-table-headers",
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+            ])
+            .output()
+            .expect("rabbitmqctl list_queues");
+        if out.status.success() {
+            stdout = out.stdout;
+            break;
+        }
+    }
+    String::from_utf8_lossy(&stdout)
         .lines()
         .filter_map(|l| {
             let mut f = l.split('\t');
@@ -173,13 +186,19 @@ impl DurableTap {
         let queue = format!("{}chaos.tap", names.prefix);
         let conn = connect().await.expect("broker");
         let ch = conn.create_channel().await.expect("channel");
+        // A quorum queue: in a cluster it survives the loss of any one node.
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString("quorum".into()),
+        );
         ch.queue_declare(
             queue.as_str().into(),
             QueueDeclareOptions {
                 durable: true,
                 ..QueueDeclareOptions::default()
             },
-            FieldTable::default(),
+            args,
         )
         .await
         .expect("tap queue");
@@ -270,6 +289,13 @@ pub(crate) struct Figures {
     pub broker_restarts: usize,
     pub redis_kills: usize,
     pub s3_outage_secs: u64,
+    pub leader_kills: usize,
+    pub node_stop_secs: u64,
+    /// Per fault, seconds from the fault until the fleet acked its next delivery.
+    pub recovery_secs: Vec<f64>,
+    /// Per fault, seconds from the fault to the next outcome on the outcomes exchange (with
+    /// revocation first, completions only start once most access is removed).
+    pub first_outcome_secs: Vec<f64>,
     pub workers: usize,
     pub seconds: u64,
 }
@@ -415,6 +441,77 @@ enum Action {
     Kill,
     RestartBroker,
     KillRedis,
+    /// kill -9 of the cluster node leading the work queue, restarted 3 s later.
+    KillLeader,
+    /// One cluster node stopped cleanly for the given time, then started again.
+    StopNode(Duration),
+}
+
+/// `scripts/cluster.sh ARGS`; its stdout.
+fn cluster(args: &[&str]) -> String {
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh"))
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("scripts/cluster.sh runs");
+    assert!(out.status.success(), "scripts/cluster.sh {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Deliveries acked so far by every worker of the fleet (their `/metrics`).
+async fn acked(urls: &[String]) -> u64 {
+    let mut sum = 0.0;
+    for url in urls {
+        if let Ok(r) = reqwest::get(format!("{url}/metrics")).await
+            && let Ok(text) = r.text().await
+        {
+            sum += text
+                .lines()
+                .filter(|l| l.starts_with("offboard_messages_acked_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+    }
+    sum as u64
+}
+
+/// Seconds from `since` until the fleet acks another delivery (a hand-over, an outcome, a
+/// park): the work going on again after a fault.
+async fn progressed(urls: &[String], since: Instant) -> Option<f64> {
+    let before = acked(urls).await;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while Instant::now() < deadline {
+        if acked(urls).await > before {
+            return Some(since.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// Seconds from `since` until the next outcome (of any kind) arrives after the `before` seen.
+async fn recovered(tap: &Mutex<DurableTap>, since: Instant, n: usize) -> Option<f64> {
+    let (before, terminal) = {
+        let mut t = tap.lock().await;
+        t.poll().await;
+        (t.bodies.len(), t.terminal_events().len())
+    };
+    if terminal >= n {
+        return None;
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while Instant::now() < deadline {
+        let seen = {
+            let mut t = tap.lock().await;
+            t.poll().await;
+            t.bodies.len()
+        };
+        if seen > before {
+            return Some(since.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
 }
 
 struct Scenario {
@@ -425,6 +522,10 @@ struct Scenario {
     /// kill -9 of the Redis holding the shared quota, back 2 s later.
     redis_kills: usize,
     s3_outage: Option<Duration>,
+    /// Cluster scenarios (`OFFBOARD_TEST_AMQP_URL` = the nodes of `scripts/cluster.sh`):
+    /// kill -9 of the work queue's leader, and one node stopped for a while.
+    leader_kills: usize,
+    node_stop: Option<Duration>,
 }
 
 fn worker_env(s3: &str, rps: u64, redis: &str) -> Vec<(&'static str, String)> {
@@ -464,11 +565,29 @@ struct Fleet {
     env: Vec<(&'static str, String)>,
     log: PathBuf,
     workers: Vec<WorkerProcess>,
+    spawned: std::sync::atomic::AtomicUsize,
 }
 
 impl Fleet {
     fn spawn_one(&self, sim: &SimServer) -> WorkerProcess {
-        let extra: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut extra: Vec<(&str, String)> =
+            self.env.iter().map(|(k, v)| (*k, v.clone())).collect();
+        // In a cluster, each new worker starts on another node (the URL list rotated), so
+        // workers run on different nodes as they would behind a load balancer.
+        let urls: Vec<String> = crate::helpers::amqp_url()
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        if urls.len() > 1 {
+            let k = self
+                .spawned
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                % urls.len();
+            let mut rotated = urls[k..].to_vec();
+            rotated.extend_from_slice(&urls[..k]);
+            extra.push(("OFFBOARD__AMQP__URL", rotated.join(",")));
+        }
+        let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
         WorkerProcess::start_logged(&self.names, sim, &extra, Some(&self.log))
     }
 }
@@ -528,6 +647,7 @@ async fn run(scenario: Scenario) -> Figures {
         env: worker_env(&s3.endpoint, rps, &redis.url()),
         log: log.clone(),
         workers: Vec::new(),
+        spawned: std::sync::atomic::AtomicUsize::new(0),
     };
     for _ in 0..scenario.workers {
         let w = fleet.spawn_one(&sim);
@@ -572,6 +692,11 @@ async fn run(scenario: Scenario) -> Figures {
             scenario.broker_restarts,
         ))
         .chain(std::iter::repeat_n(Action::KillRedis, scenario.redis_kills))
+        .chain(std::iter::repeat_n(
+            Action::KillLeader,
+            scenario.leader_kills,
+        ))
+        .chain(scenario.node_stop.map(Action::StopNode))
         .collect();
     {
         let mut rng = rand::rng();
@@ -611,6 +736,50 @@ async fn run(scenario: Scenario) -> Figures {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 redis.restart().await;
                 f.redis_kills += 1;
+            }
+            Action::KillLeader => {
+                let queue = names.requests();
+                let leader = tokio::task::spawn_blocking(move || cluster(&["leader", &queue]))
+                    .await
+                    .expect("join");
+                let at = Instant::now();
+                let l = leader.clone();
+                tokio::task::spawn_blocking(move || cluster(&["kill", &l]))
+                    .await
+                    .expect("join");
+                println!("killed node c{leader}, the leader of the work queue");
+                f.leader_kills += 1;
+                let urls: Vec<String> = fleet.workers.iter().map(|w| w.http.clone()).collect();
+                if let Some(s) = progressed(&urls, at).await {
+                    f.recovery_secs.push((s * 10.0).round() / 10.0);
+                }
+                if let Some(s) = recovered(&tap, at, n).await {
+                    f.first_outcome_secs.push((s * 10.0).round() / 10.0);
+                }
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                tokio::task::spawn_blocking(move || cluster(&["start", &leader]))
+                    .await
+                    .expect("join");
+            }
+            Action::StopNode(down_for) => {
+                // Not node 1: the first worker's node goes on; the second worker's node stops.
+                let at = Instant::now();
+                tokio::task::spawn_blocking(|| cluster(&["stop", "2"]))
+                    .await
+                    .expect("join");
+                println!("stopped node c2 for {down_for:?}");
+                let urls: Vec<String> = fleet.workers.iter().map(|w| w.http.clone()).collect();
+                if let Some(s) = progressed(&urls, at).await {
+                    f.recovery_secs.push((s * 10.0).round() / 10.0);
+                }
+                if let Some(s) = recovered(&tap, at, n).await {
+                    f.first_outcome_secs.push((s * 10.0).round() / 10.0);
+                }
+                tokio::time::sleep(down_for.saturating_sub(at.elapsed())).await;
+                tokio::task::spawn_blocking(|| cluster(&["start", "2"]))
+                    .await
+                    .expect("join");
+                f.node_stop_secs = down_for.as_secs();
             }
         }
     }
@@ -723,6 +892,8 @@ async fn chaos_a_kill_9_ten_times() {
         broker_restarts: 0,
         redis_kills: 0,
         s3_outage: None,
+        leader_kills: 0,
+        node_stop: None,
     })
     .await;
     assert_clean(&f);
@@ -740,6 +911,8 @@ async fn chaos_b_broker_restarts_three_times() {
         broker_restarts: 3,
         redis_kills: 0,
         s3_outage: None,
+        leader_kills: 0,
+        node_stop: None,
     })
     .await;
     assert_clean(&f);
@@ -756,6 +929,8 @@ async fn chaos_c_s3_outage() {
         broker_restarts: 0,
         redis_kills: 0,
         s3_outage: Some(outage()),
+        leader_kills: 0,
+        node_stop: None,
     })
     .await;
     assert_clean(&f);
@@ -772,6 +947,82 @@ async fn chaos_d_all_three_with_two_workers() {
         broker_restarts: 3,
         redis_kills: 2,
         s3_outage: Some(outage()),
+        leader_kills: 0,
+        node_stop: None,
+    })
+    .await;
+    assert_clean(&f);
+}
+
+/// Skips (passes) unless the test broker is a cluster from `scripts/cluster.sh`.
+fn in_cluster() -> bool {
+    let yes = crate::helpers::amqp_url().contains(',');
+    if !yes {
+        println!(
+            "not a cluster: run through `scripts/reliability.sh` (OFFBOARD_TEST_AMQP_URL=$(scripts/cluster.sh url))"
+        );
+    }
+    yes
+}
+
+#[tokio::test]
+#[ignore = "cluster chaos: run by scripts/reliability.sh on scripts/cluster.sh"]
+async fn chaos_cluster_e_leader_killed_three_times() {
+    if !in_cluster() {
+        return;
+    }
+    let f = run(Scenario {
+        name: "e-cluster-leader-kill-x3",
+        workers: 2,
+        kills: 0,
+        broker_restarts: 0,
+        redis_kills: 0,
+        s3_outage: None,
+        leader_kills: usize::try_from(env_num("OFFBOARD_CHAOS_LEADER_KILLS", 3)).unwrap_or(3),
+        node_stop: None,
+    })
+    .await;
+    assert_clean(&f);
+}
+
+#[tokio::test]
+#[ignore = "cluster chaos: run by scripts/reliability.sh on scripts/cluster.sh"]
+async fn chaos_cluster_f_one_node_stopped() {
+    if !in_cluster() {
+        return;
+    }
+    let f = run(Scenario {
+        name: "f-cluster-node-stopped",
+        workers: 2,
+        kills: 0,
+        broker_restarts: 0,
+        redis_kills: 0,
+        s3_outage: None,
+        leader_kills: 0,
+        node_stop: Some(Duration::from_secs(env_num(
+            "OFFBOARD_CHAOS_NODE_STOP_SECS",
+            60,
+        ))),
+    })
+    .await;
+    assert_clean(&f);
+}
+
+#[tokio::test]
+#[ignore = "cluster chaos: run by scripts/reliability.sh on scripts/cluster.sh"]
+async fn chaos_cluster_g_leader_redis_and_s3() {
+    if !in_cluster() {
+        return;
+    }
+    let f = run(Scenario {
+        name: "g-cluster-leader-redis-s3",
+        workers: 3,
+        kills: 0,
+        broker_restarts: 0,
+        redis_kills: 2,
+        s3_outage: Some(Duration::from_secs(30)),
+        leader_kills: 1,
+        node_stop: None,
     })
     .await;
     assert_clean(&f);

@@ -55,6 +55,15 @@ where
     }
 }
 
+/// The nodes `rabbitmqctl` should ask (`-n`): `OFFBOARD_TEST_RABBITMQ_NODES` (comma-separated,
+/// set for the cluster scenarios), else the machine's own broker.
+pub fn rabbitmq_nodes() -> Vec<Option<String>> {
+    match std::env::var("OFFBOARD_TEST_RABBITMQ_NODES") {
+        Ok(v) if !v.trim().is_empty() => v.split(',').map(|n| Some(n.trim().to_owned())).collect(),
+        _ => vec![None],
+    }
+}
+
 /// Runs `rabbitmqctl` quietly; true when it succeeded.
 pub fn rabbitmqctl(args: &[&str]) -> bool {
     std::process::Command::new("rabbitmqctl")
@@ -217,8 +226,28 @@ impl Names {
     }
 }
 
+/// Connects to the test broker; with a comma-separated `OFFBOARD_TEST_AMQP_URL` (a cluster),
+/// to the first node that answers.
 pub async fn connect() -> lapin::Result<Connection> {
-    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+    let urls = amqp_url();
+    let mut last = None;
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            Connection::connect(url, ConnectionProperties::default()),
+        )
+        .await
+        {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => {}
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no broker node answered"),
+        )))
+    }))
 }
 
 /// An outside publisher (the HRIS), with confirms.
