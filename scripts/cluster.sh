@@ -99,21 +99,27 @@ down() {
   log "cluster down, $D removed"
 }
 
+# The pid of node N's Erlang VM, checked against the environment it was started with (a pid
+# file can outlive its process and the number be reused; the system broker never matches).
+node_pid() {
+  local n="$1" pid
+  for pid in $(cat "$D/n$n/pid" 2>/dev/null) $(pgrep -x beam.smp || true); do
+    if [ -r "/proc/$pid/environ" ] \
+      && tr '\0' '\n' < "/proc/$pid/environ" | grep -qx "RABBITMQ_NODENAME=$(node "$n")"; then
+      echo "$pid"
+      return 0
+    fi
+  done
+  return 1
+}
+
 kill_node() {
-  local n="$1" pidfile="$D/n$1/pid" pid
-  if [ -f "$pidfile" ] && pid="$(cat "$pidfile")" && kill -0 "$pid" 2>/dev/null; then
+  local n="$1" pid
+  if pid="$(node_pid "$n")"; then
     kill -9 "$pid"
     [ "${2:-}" = quiet ] || log "killed $(node "$n") (pid $pid)"
-  else
-    # The pid file is written late; find the VM by its node name.
-    pid="$(pgrep -f -- "-sname $(node "$n")" | head -1 || true)"
-    [ -z "$pid" ] && pid="$(pgrep -f -- "$(node "$n")" | head -1 || true)"
-    if [ -n "$pid" ]; then
-      kill -9 "$pid"
-      [ "${2:-}" = quiet ] || log "killed $(node "$n") (pid $pid)"
-    elif [ "${2:-}" != quiet ]; then
-      log "$(node "$n") is not running"
-    fi
+  elif [ "${2:-}" != quiet ]; then
+    log "$(node "$n") is not running"
   fi
 }
 

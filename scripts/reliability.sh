@@ -63,10 +63,10 @@ trap 'scripts/cluster.sh down >/dev/null 2>&1 || true' EXIT
 scripts/cluster.sh down >/dev/null 2>&1 || true
 scripts/cluster.sh up
 OFFBOARD_TEST_AMQP_URL="$(scripts/cluster.sh url)" \
-  OFFBOARD_TEST_RABBITMQ_NODES=c1@localhost,c2@localhost,c3@localhost \
+  OFFBOARD_TEST_RABBITMQ_NODES="$(seq -f 'c%g@localhost' -s, 1 "${CLUSTER_NODES:-3}")" \
   OFFBOARD_CHAOS_EVENTS="$OFFBOARD_CLUSTER_EVENTS" \
   $CARGO test --locked --test it -- --ignored --test-threads=1 --nocapture "$OFFBOARD_CLUSTER_TESTS" || status=1
-scripts/cluster.sh down
+scripts/cluster.sh down || status=1
 trap - EXIT
 
 python3 - "$OFFBOARD_RELIABILITY_REPORT" <<'PY'

@@ -67,6 +67,9 @@ pub async fn connect(settings: &AmqpSettings, role: &str) -> anyhow::Result<Conn
                 NODE_CONNECT_TIMEOUT.as_secs()
             )),
         }
+        // The next attempt starts after this node, even if this one is abandoned by a caller's
+        // own deadline (an HTTP request's) before it reaches the next node.
+        PREFERRED_NODE.store((i + 1) % nodes.len(), Ordering::Relaxed);
     }
     match failures.as_slice() {
         [one] => Err(anyhow::anyhow!("connecting to the broker at {one}")),

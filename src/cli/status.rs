@@ -94,13 +94,10 @@ pub struct Cache {
 /// closes its channel).
 pub async fn queue_depths(settings: &Settings) -> Result<Vec<QueueDepth>, String> {
     let amqp = &settings.amqp;
-    let conn = tokio::time::timeout(
-        Duration::from_secs(10),
-        crate::broker::connect(amqp, "status"),
-    )
-    .await
-    .map_err(|_| "the broker did not answer within 10 s".to_owned())?
-    .map_err(|e| format!("{e:#}"))?;
+    // `connect` bounds each node (and tries every node of a cluster).
+    let conn = crate::broker::connect(amqp, "status")
+        .await
+        .map_err(|e| format!("{e:#}"))?;
     let mut wanted: Vec<(&'static str, String)> = vec![
         ("work", amqp.requests_queue.clone()),
         ("housekeeping", amqp.housekeeping_queue.clone()),
@@ -276,11 +273,17 @@ pub fn render(s: &Snapshot) -> String {
         None => String::new(),
     };
     line(format!("{:<22}{:>7}", "stage", "sagas"));
+    let parked = p.by_status.get("PARKED").copied().unwrap_or(0);
     line(format!(
-        "{:<22}{:>7}{}",
+        "{:<22}{:>7}{}{}",
         "revoking access",
         p.revoking,
-        queue_note("work", "work queue")
+        queue_note("work", "work queue"),
+        if parked > 0 {
+            format!("; {parked} parked for a retry")
+        } else {
+            String::new()
+        }
     ));
     line(format!(
         "{:<22}{:>7}{}",
@@ -297,9 +300,9 @@ pub fn render(s: &Snapshot) -> String {
     ));
     line(format!(
         "{:<22}{:>7}{}",
-        "scheduled / parked",
-        p.scheduled + p.by_status.get("PARKED").copied().unwrap_or(0),
-        queue_note("delay", "delay queues")
+        "scheduled",
+        p.scheduled,
+        queue_note("delay", "in delay queues")
     ));
     line(format!(
         "{:<22}{:>7}{}",
@@ -379,6 +382,16 @@ pub fn render(s: &Snapshot) -> String {
     out
 }
 
+/// Resolves at the next SIGINT; never without a listener.
+async fn interrupted(listener: Option<&mut tokio::signal::unix::Signal>) {
+    match listener {
+        Some(l) => {
+            l.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
 pub async fn run(cli: &Cli, args: &Args) -> Result<ExitCode, Failure> {
     let settings = super::load_settings(cli)?;
     let since = super::replay::parse_when(&args.since, Utc::now()).map_err(|e| Failure {
@@ -388,8 +401,21 @@ pub async fn run(cli: &Cli, args: &Args) -> Result<ExitCode, Failure> {
     let store = S3::new(&settings.s3).await;
     let mut cache = Cache::default();
     let terminal = std::io::stdout().is_terminal();
+    // With --watch, Ctrl-C ends the loop cleanly (exit 0) whenever it comes: one listener for
+    // the whole run, so a SIGINT during a redraw is not lost. Without --watch, the default.
+    let mut interrupt = if args.watch {
+        Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .map_err(|e| anyhow::anyhow!("listening for Ctrl-C: {e}"))?,
+        )
+    } else {
+        None
+    };
     loop {
-        let s = snapshot(&settings, &store, since, &mut cache).await?;
+        let s = tokio::select! {
+            s = snapshot(&settings, &store, since, &mut cache) => s?,
+            () = interrupted(interrupt.as_mut()) => return Ok(ExitCode::SUCCESS),
+        };
         let mut stdout = std::io::stdout().lock();
         if args.json {
             let _ = writeln!(stdout, "{}", json!(s));
@@ -420,7 +446,7 @@ pub async fn run(cli: &Cli, args: &Args) -> Result<ExitCode, Failure> {
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(args.interval)) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            () = interrupted(interrupt.as_mut()) => return Ok(ExitCode::SUCCESS),
         }
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! Checks, in order: the source exists (404), the body fits 256 KiB (413), the content type is
 //! a CloudEvents one (415), the signature is valid and fresh (401), the source is within its
-//! rate (429), the `webhook-id` was not already accepted (202 again, nothing published), every
+//! rate (429), the `webhook-id` was not already accepted (202 again, nothing published; 409
+//! when it came with another body), every
 //! event is valid (400, all or none), the broker confirms them all (202; 503 otherwise).
 
 pub mod binding;
@@ -53,10 +54,11 @@ struct Source {
     limiter: Limiter,
 }
 
-/// Accepted `webhook-id`s of the last `replay_window_secs`, with the answer they got.
+/// Accepted `webhook-id`s of the last `replay_window_secs`, with the answer they got and the
+/// SHA-256 of the body they came with.
 #[derive(Default)]
 struct Seen {
-    answers: HashMap<(String, String), (Instant, Value)>,
+    answers: HashMap<(String, String), (Instant, Value, [u8; 32])>,
     order: VecDeque<(Instant, (String, String))>,
 }
 
@@ -67,7 +69,7 @@ impl Seen {
                 break;
             }
             if let Some((_, key)) = self.order.pop_front()
-                && self.answers.get(&key).is_some_and(|(e, _)| *e <= now)
+                && self.answers.get(&key).is_some_and(|(e, _, _)| *e <= now)
             {
                 self.answers.remove(&key);
             }
@@ -299,12 +301,28 @@ async fn handle(intake: &Intake, name: &str, headers: &HeaderMap, body: Body) ->
         return resp;
     }
     let key = (name.to_owned(), id.clone());
+    let body_digest: [u8; 32] = {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(&body).into()
+    };
     {
         let mut seen = lock(&intake.seen);
         seen.prune(Instant::now());
-        if let Some((_, answer)) = seen.answers.get(&key) {
-            info!(source = %name, webhook_id = %id, "webhook-id seen before; answered again, nothing published");
-            return accepted(answer);
+        if let Some((_, answer, digest)) = seen.answers.get(&key) {
+            if *digest == body_digest {
+                info!(source = %name, webhook_id = %id, "webhook-id seen before; answered again, nothing published");
+                return accepted(answer);
+            }
+            // The same message id for another body: a sender bug, or someone replaying an id
+            // with a body of their own (the signature covers both, so it is the sender's key).
+            warn!(source = %name, webhook_id = %id, "webhook-id reused for another body; refused");
+            return problem(
+                StatusCode::CONFLICT,
+                "webhook-id-reused",
+                "this webhook-id was accepted within the replay window for another body; \
+                 send new events with a new webhook-id",
+                json!({ "field": "webhook-id" }),
+            );
         }
     }
     let ready = match binding::events(mode, headers, &body, &intake.rules) {
@@ -336,9 +354,9 @@ async fn handle(intake: &Intake, name: &str, headers: &HeaderMap, body: Body) ->
             StatusCode::SERVICE_UNAVAILABLE,
             "broker-unavailable",
             format!(
-                "the broker did not confirm the events: {}; retry the request (event ids make a \
-                 retry safe)",
-                e.0
+                "the broker did not confirm every event ({}); retry the same request: event ids \
+                 make a retry safe",
+                e.public()
             ),
             Value::Null,
         );
@@ -353,7 +371,8 @@ async fn handle(intake: &Intake, name: &str, headers: &HeaderMap, body: Body) ->
     info!(source = %name, webhook_id = %id, events = ready.len(), "webhook accepted");
     let expires = Instant::now() + intake.window;
     let mut seen = lock(&intake.seen);
-    seen.answers.insert(key.clone(), (expires, answer.clone()));
+    seen.answers
+        .insert(key.clone(), (expires, answer.clone(), body_digest));
     seen.order.push_back((expires, key));
     accepted(&answer)
 }

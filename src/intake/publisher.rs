@@ -2,16 +2,11 @@
 //! again after any failure. A request is answered 202 only once the broker has confirmed
 //! every one of its events.
 
-use std::time::Duration;
-
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::Mutex;
 
 use crate::config::AmqpSettings;
-
-/// How long connecting may take before the request is answered 503.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Publisher {
     settings: AmqpSettings,
@@ -19,9 +14,25 @@ pub struct Publisher {
     link: Mutex<Option<(Connection, Channel)>>,
 }
 
-/// Why nothing (or not everything) was confirmed: the broker is unavailable or refused.
+/// Why nothing (or not everything) was confirmed: the broker is unavailable or refused. The
+/// text is for the log (it names nodes and hosts); [`Unavailable::public`] is for the sender.
 #[derive(Debug, Clone)]
 pub struct Unavailable(pub String);
+
+/// What the sender is told when the reason is not about its request.
+const NOT_FOR_THE_SENDER: &str = "the broker is unavailable";
+
+impl Unavailable {
+    /// The reason without broker addresses: only reasons about the events themselves are
+    /// told as they are.
+    pub fn public(&self) -> &str {
+        if self.0.starts_with("no queue is bound") || self.0.starts_with("the broker refused") {
+            &self.0
+        } else {
+            NOT_FOR_THE_SENDER
+        }
+    }
+}
 
 impl Publisher {
     pub fn new(settings: &AmqpSettings) -> Self {
@@ -41,13 +52,10 @@ impl Publisher {
             return Ok(ch.clone());
         }
         *link = None;
-        let conn = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            crate::broker::connect(&self.settings, "intake"),
-        )
-        .await
-        .map_err(|_| Unavailable("the broker did not answer in time".to_owned()))?
-        .map_err(|e| Unavailable(format!("{e:#}")))?;
+        // `connect` bounds each node; several nodes are tried in turn.
+        let conn = crate::broker::connect(&self.settings, "intake")
+            .await
+            .map_err(|e| Unavailable(format!("{e:#}")))?;
         let ch = conn
             .create_channel()
             .await

@@ -10,6 +10,11 @@ use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// At most this many signatures in `webhook-signature` (a rotation needs two).
+pub const MAX_SIGNATURES: usize = 8;
+/// At most this long a `webhook-signature` header.
+pub const MAX_SIGNATURE_HEADER: usize = 2048;
+
 /// Why a request's signature was refused (a 401). Never says which part of a signature was
 /// wrong beyond what the sender can already see.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,9 +78,19 @@ impl Verifier {
             .trim()
             .parse()
             .map_err(|_| Refused::Malformed("webhook-timestamp"))?;
-        if (now - ts).abs() > self.tolerance_secs {
+        if now.abs_diff(ts) > self.tolerance_secs.unsigned_abs() {
             return Err(Refused::Stale);
         }
+        // A rotation needs two or three signatures; a header with hundreds is an attack on
+        // the CPU, refused before any hashing.
+        if signature.len() > MAX_SIGNATURE_HEADER
+            || signature.split_whitespace().count() > MAX_SIGNATURES
+        {
+            return Err(Refused::Malformed("webhook-signature"));
+        }
+        // The body is hashed once; each candidate is compared against a copy of that state
+        // (constant time, `verify_slice`).
+        let mac = self.mac(id, ts_text.trim(), body);
         let mut any = false;
         for candidate in signature.split_whitespace() {
             let Some(b64) = candidate.strip_prefix("v1,") else {
@@ -86,11 +101,7 @@ impl Verifier {
             let Ok(given) = base64::engine::general_purpose::STANDARD.decode(b64) else {
                 continue;
             };
-            if self
-                .mac(id, ts_text.trim(), body)
-                .verify_slice(&given)
-                .is_ok()
-            {
+            if mac.clone().verify_slice(&given).is_ok() {
                 return Ok(());
             }
         }
@@ -198,6 +209,38 @@ mod tests {
                 now
             ),
             Err(Refused::Malformed("webhook-signature"))
+        );
+    }
+
+    #[test]
+    fn a_future_or_absurd_timestamp_is_stale_and_never_overflows() {
+        let v = Verifier::new(b"0123456789abcdef".to_vec(), 300);
+        let now = 1_800_000_000_i64;
+        for ts in [now + 301, i64::MIN, i64::MAX, -now] {
+            let sig = v.sign("m1", ts, b"{}");
+            assert_eq!(
+                v.verify(Some("m1"), Some(&ts.to_string()), Some(&sig), b"{}", now),
+                Err(Refused::Stale),
+                "{ts}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_flood_of_signatures_is_refused_before_hashing() {
+        let v = Verifier::new(b"0123456789abcdef".to_vec(), 300);
+        let now = 1_800_000_000_i64;
+        let good = v.sign("m1", now, b"{}");
+        let flood = format!("{} {good}", ["v1,AAAA"; MAX_SIGNATURES].join(" "));
+        assert_eq!(
+            v.verify(Some("m1"), Some(&now.to_string()), Some(&flood), b"{}", now),
+            Err(Refused::Malformed("webhook-signature"))
+        );
+        // A rotation's handful still verifies.
+        let few = format!("{} {good}", ["v1,AAAA"; MAX_SIGNATURES - 1].join(" "));
+        assert_eq!(
+            v.verify(Some("m1"), Some(&now.to_string()), Some(&few), b"{}", now),
+            Ok(())
         );
     }
 }

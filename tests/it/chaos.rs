@@ -125,8 +125,9 @@ async fn restart_broker(down_for: Duration) {
 
 /// `(name, ready, unacked)` of every queue whose name starts with `prefix`.
 pub(crate) fn queues(prefix: &str) -> Vec<(String, u64, u64)> {
-    // In a cluster, ask the first node that answers.
-    let mut stdout = Vec::new();
+    // In a cluster, ask the first node that answers; if none does, the count would be an
+    // empty list that hides stuck messages: fail instead.
+    let mut stdout = None;
     for node in crate::helpers::rabbitmq_nodes() {
         let mut cmd = Command::new("rabbitmqctl");
         if let Some(n) = &node {
@@ -145,10 +146,11 @@ pub(crate) fn queues(prefix: &str) -> Vec<(String, u64, u64)> {
             .output()
             .expect("rabbitmqctl list_queues");
         if out.status.success() {
-            stdout = out.stdout;
+            stdout = Some(out.stdout);
             break;
         }
     }
+    let stdout = stdout.expect("rabbitmqctl list_queues answered on no node");
     String::from_utf8_lossy(&stdout)
         .lines()
         .filter_map(|l| {
@@ -291,6 +293,8 @@ pub(crate) struct Figures {
     pub s3_outage_secs: u64,
     pub leader_kills: usize,
     pub node_stop_secs: u64,
+    /// Worker connections that moved to another node of the cluster (from the workers' logs).
+    pub failovers: usize,
     /// Per fault, seconds from the fault until the fleet acked its next delivery.
     pub recovery_secs: Vec<f64>,
     /// Per fault, seconds from the fault to the next outcome on the outcomes exchange (with
@@ -855,6 +859,12 @@ async fn run(scenario: Scenario) -> Figures {
     f.dead_reasons = dead_reasons(&names).await;
     manifest_figures(&mut f, &names, &s3.endpoint, n).await;
     sim_figures(&mut f, &sim, n).await;
+    f.failovers = std::fs::read_to_string(&log)
+        .map(|l| {
+            l.matches("connected to another node of the cluster")
+                .count()
+        })
+        .unwrap_or(0);
     f.seconds = started.elapsed().as_secs();
     f.report();
     println!("worker logs: {}", log.display());
@@ -1006,6 +1016,8 @@ async fn chaos_cluster_f_one_node_stopped() {
     })
     .await;
     assert_clean(&f);
+    // The worker that started on the stopped node moved to another one.
+    assert!(f.failovers >= 1, "no worker moved to another node: {f:?}");
 }
 
 #[tokio::test]

@@ -230,6 +230,11 @@ async fn every_answer_of_the_contract_for_every_content_mode() {
             again.body, ok.body,
             "{mode}: a replay answers as the first time"
         );
+        // The same webhook-id for another body: 409, nothing published.
+        let (_, _, other) = request(mode, &["E000009", "E000010"]);
+        let reused = post(base, "workday", &id, &ct, &ce, other, Sign::Good).await;
+        assert_problem(&reused, 409);
+        assert_eq!(reused.body["field"], "webhook-id", "{}", reused.text);
 
         // 400 naming the field; in a batch, one bad member and none is published.
         let (ct, ce, body) = request(mode, &["E000003", "E 0004"]);
