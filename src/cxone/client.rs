@@ -250,9 +250,14 @@ impl Client {
         self.inner.requests.load(Ordering::Relaxed)
     }
 
-    /// One page of every UserHub user (`reconcile`): `(totalRecords, users)`. Housekeeping
-    /// priority: a reconciliation never delays a revocation.
-    pub async fn users_page(&self, skip: u64, top: u64) -> Result<(u64, Vec<User>), CxoneError> {
+    /// One UserHub search (`POST …/users/search`): the filter, a page, and whose turn it is.
+    async fn search_users(
+        &self,
+        filter: serde_json::Value,
+        skip: u64,
+        top: u64,
+        priority: Priority,
+    ) -> Result<SearchAnswer, CxoneError> {
         let url = self
             .api_url(&["user-management", "v2", "users", "search"])
             .await?;
@@ -262,14 +267,22 @@ impl Client {
                 route: routes::USER_SEARCH,
                 url,
                 body: Some(Body::Json(
-                    json!({ "filter": {}, "skip": skip, "top": top }),
+                    json!({ "filter": filter, "skip": skip, "top": top }),
                 )),
-                priority: Priority::Housekeeping,
+                priority,
                 pass: &[],
             })
             .await?;
         Self::must_exist("POST", routes::USER_SEARCH, &answer)?;
-        let parsed: SearchAnswer = self.parse("POST", routes::USER_SEARCH, &answer)?;
+        self.parse("POST", routes::USER_SEARCH, &answer)
+    }
+
+    /// One page of every UserHub user (`reconcile`): `(totalRecords, users)`. Housekeeping
+    /// priority: a reconciliation never delays a revocation.
+    pub async fn users_page(&self, skip: u64, top: u64) -> Result<(u64, Vec<User>), CxoneError> {
+        let parsed = self
+            .search_users(json!({}), skip, top, Priority::Housekeeping)
+            .await?;
         let total = parsed
             .total_records
             .unwrap_or(skip + parsed.users.len() as u64);
@@ -764,23 +777,9 @@ impl Cxone for Client {
             UserFilter::UserName(v) => ("userName", v),
             UserFilter::Email(v) => ("emailAddress", v),
         };
-        let url = self
-            .api_url(&["user-management", "v2", "users", "search"])
+        let parsed = self
+            .search_users(json!({ key: [value] }), 0, 10, Priority::Revoke)
             .await?;
-        let answer = self
-            .send(Req {
-                method: Method::POST,
-                route: routes::USER_SEARCH,
-                url,
-                body: Some(Body::Json(
-                    json!({ "filter": { key: [value] }, "skip": 0, "top": 10 }),
-                )),
-                priority: Priority::Revoke,
-                pass: &[],
-            })
-            .await?;
-        Self::must_exist("POST", routes::USER_SEARCH, &answer)?;
-        let parsed: SearchAnswer = self.parse("POST", routes::USER_SEARCH, &answer)?;
         // Search may match loosely; keep exact matches only.
         Ok(parsed
             .users

@@ -5,14 +5,10 @@ use cxone_offboard::sim::{SimOptions, spawn};
 /// The `sh` block of a README section, with the simulator start line dropped (the test
 /// starts one in-process) and its address replaced.
 fn section_script(readme: &str, heading: &str, base: &str) -> (String, usize) {
-    let start = readme.find(heading).expect("section exists");
-    let rest = &readme[start..];
-    let block = rest.find("```sh").expect("a sh block") + "```sh".len();
-    let end = rest[block..].find("```").expect("block ends") + block;
     let mut script = String::from("set -eu\n");
     let mut curls = 0;
     let mut continued = false;
-    for line in rest[block..end].lines() {
+    for line in crate::helpers::sh_block(readme, heading).lines() {
         if line.trim_start().starts_with("cxone-offboard sim") {
             continue;
         }

@@ -751,3 +751,28 @@ pub async fn declare_topology(settings: &Settings) {
     .expect("topology");
     let _ = conn.close(200, "".into()).await;
 }
+
+/// The first ```sh block after `heading` in a Markdown document (the README, the guides):
+/// examples that tests run as a reader would.
+pub fn sh_block<'a>(doc: &'a str, heading: &str) -> &'a str {
+    let start = doc.find(heading).expect("section exists");
+    let rest = &doc[start..];
+    let block = rest.find("```sh").expect("a sh block") + "```sh".len();
+    let end = rest[block..].find("```").expect("block ends") + block;
+    &rest[block..end]
+}
+
+/// Publishes one termination for each of E000001…E{n}, as an HRIS would; returns the event ids.
+pub async fn publish_leavers(names: &Names, n: usize) -> std::collections::BTreeSet<String> {
+    let outside = Outside::new().await;
+    let mut ids = std::collections::BTreeSet::new();
+    for i in 1..=n {
+        let id = uuid::Uuid::new_v4().to_string();
+        let body = serde_json::to_vec(&termination(&id, &format!("E{i:06}"))).expect("json");
+        outside
+            .publish(&names.events(), "employee.terminated", &body, None)
+            .await;
+        ids.insert(id);
+    }
+    ids
+}

@@ -14,7 +14,7 @@ use cxone_offboard::sim::{SimOptions, SimServer, spawn};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
-use crate::helpers::{BROKER, Names, OutcomeTap, Outside, eventually, termination, until};
+use crate::helpers::{BROKER, Names, OutcomeTap, Outside, eventually, until};
 use crate::process::{WorkerProcess, sim_user};
 use crate::redis_server::{RedisServer, shared_url};
 
@@ -236,17 +236,6 @@ async fn sim(users: u64, rate: Option<f64>) -> SimServer {
     .expect("sim")
 }
 
-async fn publish_leavers(names: &Names, n: usize) {
-    let outside = Outside::new().await;
-    for i in 1..=n {
-        let id = uuid::Uuid::new_v4().to_string();
-        let body = serde_json::to_vec(&termination(&id, &format!("E{i:06}"))).expect("json");
-        outside
-            .publish(&names.events(), "employee.terminated", &body, None)
-            .await;
-    }
-}
-
 fn completed(outcomes: &[Value]) -> Vec<&Value> {
     let mut seen = BTreeSet::new();
     outcomes
@@ -287,7 +276,7 @@ async fn a_saga_crosses_the_hand_over_after_a_kill_9() {
     let first = WorkerProcess::start(&names, &sim, &[]);
     first.wait_ready().await;
     let tap = OutcomeTap::new(&names.outcomes()).await;
-    publish_leavers(&names, 3).await;
+    crate::helpers::publish_leavers(&names, 3).await;
     eventually("housekeeping to begin", Duration::from_secs(30), || async {
         let stats: Value = reqwest::get(format!("{}/_sim/stats", sim.base_url()))
             .await
@@ -410,7 +399,7 @@ async fn two_workers_on_one_redis_bucket_stay_under_the_rate_with_revocations_fi
         )
         .await;
     }
-    publish_leavers(&names, n).await;
+    crate::helpers::publish_leavers(&names, n).await;
     let outcomes = until(
         Duration::from_secs(120),
         || async { tap.all().await },
@@ -484,7 +473,7 @@ async fn redis_killed_mid_run_the_work_goes_on() {
         (metric(&worker, "offboard_quota_shared").await == Some(1.0)).then_some(())
     })
     .await;
-    publish_leavers(&names, n).await;
+    crate::helpers::publish_leavers(&names, n).await;
     until(
         Duration::from_secs(60),
         || async { tap.all().await.len() },

@@ -506,14 +506,10 @@ async fn the_curl_and_openssl_example_in_the_operations_guide_is_accepted() {
     let intake = intake(&names, &[]).await;
     let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
         .expect("docs/operations.md");
-    let section = &guide[guide
-        .find("### Signing a request by hand")
-        .expect("section")..];
-    let start = section.find("```sh").expect("sh block") + "```sh".len();
-    let end = section[start..].find("```").expect("block ends") + start;
     let script = format!(
         "set -eu\n{}",
-        section[start..end].replace("http://127.0.0.1:8080", &intake.base)
+        crate::helpers::sh_block(&guide, "### Signing a request by hand")
+            .replace("http://127.0.0.1:8080", &intake.base)
     );
     let out = tokio::process::Command::new("sh")
         .arg("-c")
