@@ -41,7 +41,13 @@ pub async fn client(settings: &S3Settings) -> aws_sdk_s3::Client {
         loader = loader.credentials_provider(chain);
     }
     let shared = loader.load().await;
-    let mut builder = aws_sdk_s3::config::Builder::from(&shared);
+    // Objects are read without the SDK's response checksum check: an S3-compatible server
+    // that updates an object's body and its stored checksum in two steps (s3s-fs) leaves them
+    // apart when a writer dies in between, and the SDK then refuses every read of that
+    // journal for ever. Evidence carries its own SHA-256, which `verify` checks end to end;
+    // writes still send a SHA-256 the server verifies.
+    let mut builder = aws_sdk_s3::config::Builder::from(&shared)
+        .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired);
     if let Some(endpoint) = &settings.endpoint {
         builder = builder.endpoint_url(endpoint).force_path_style(true);
     }
@@ -444,7 +450,7 @@ impl Store for S3 {
                     .map_err(|e| StoreError::Transient {
                         op: "GET",
                         key: key.to_owned(),
-                        message: format!("reading the body: {e}"),
+                        message: format!("reading the body: {}", root_cause(&e)),
                     })?
                     .into_bytes();
                 Ok(Some(Object { body, etag }))

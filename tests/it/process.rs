@@ -154,7 +154,10 @@ pub(crate) async fn kill_9_during_a_run(extra: &[(&str, &str)]) {
         .send()
         .await
         .expect("faults");
-    let first = WorkerProcess::start(&names, &sim, extra);
+    // The workers' logs, kept for a failed run.
+    let log = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("kill9-{}.log", names.bucket()));
+    let first = WorkerProcess::start_logged(&names, &sim, extra, Some(&log));
     first.wait_ready().await;
     let tap = OutcomeTap::new(&names.outcomes()).await;
     let outside = Outside::new().await;
@@ -171,7 +174,7 @@ pub(crate) async fn kill_9_during_a_run(extra: &[(&str, &str)]) {
         tokio::time::sleep(Duration::from_millis(pause_ms)).await;
         worker.kill9();
         kills += 1;
-        worker = WorkerProcess::start(&names, &sim, extra);
+        worker = WorkerProcess::start_logged(&names, &sim, extra, Some(&log));
         worker.wait_ready().await;
     }
     let done = until(
@@ -180,7 +183,24 @@ pub(crate) async fn kill_9_during_a_run(extra: &[(&str, &str)]) {
         |done| done.len() == 300,
     )
     .await;
-    assert_eq!(done.len(), 300, "all sagas complete after {kills} kills");
+    if done.len() != 300 {
+        let list = Command::new(env!("CARGO_BIN_EXE_cxone-offboard"))
+            .args(["saga", "list"])
+            .envs(names.env())
+            .envs(extra.iter().map(|(k, v)| (*k, *v)))
+            .output()
+            .expect("saga list runs");
+        panic!(
+            "{} of 300 sagas complete after {kills} kills; worker logs in {}; sagas:\n{}",
+            done.len(),
+            log.display(),
+            String::from_utf8_lossy(&list.stdout)
+                .lines()
+                .filter(|l| !l.contains("completed"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
     assert_eq!(
         outside.queue_len(&names.dead()).await,
         0,
