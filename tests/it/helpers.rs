@@ -494,6 +494,18 @@ impl OutcomeTap {
         use lapin::options::{BasicConsumeOptions, QueueBindOptions};
         let conn = connect().await.expect("broker");
         let ch = conn.create_channel().await.expect("channel");
+        // As the worker declares it: a tap may be bound before any worker runs.
+        ch.exchange_declare(
+            exchange.into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("outcomes exchange");
         let q = ch
             .queue_declare(
                 "".into(),
@@ -637,6 +649,13 @@ impl Stack {
         let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let settings = names.settings(&pairs);
         names.create_bucket_for(&settings).await;
+        // The tap listens before the worker starts: a message already waiting (a test that
+        // fills a queue first) may be finished before the worker reports ready.
+        let tap = if tap {
+            OutcomeTap::new(&names.outcomes()).await
+        } else {
+            OutcomeTap::detached().await
+        };
         let app = cxone_offboard::app::App::build(Arc::new(settings.clone()), Metrics::new())
             .await
             .expect("the worker builds");
@@ -652,11 +671,6 @@ impl Stack {
             worker.wait_ready(200, Duration::from_secs(15)).await,
             "worker ready"
         );
-        let tap = if tap {
-            OutcomeTap::new(&names.outcomes()).await
-        } else {
-            OutcomeTap::detached().await
-        };
         let outside = Outside::new().await;
         Self {
             names,
