@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use crate::helpers::{
-    BROKER, Names, Recorder, Stack, connect, eventually, metrics_text, spawn_worker_with_pause,
-    termination,
+    BROKER, Names, Recorder, Stack, connect, eventually, metric, metrics_text,
+    spawn_worker_with_pause, termination, wait_parked,
 };
 
 fn sim(users: u64) -> SimOptions {
@@ -27,14 +27,6 @@ fn sim(users: u64) -> SimOptions {
         interactions_per_user: 2,
         ..SimOptions::default()
     }
-}
-
-/// The value of one metric line (`name{labels} value`), 0 when absent.
-fn metric(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 async fn readyz_text(stack: &Stack) -> (u16, String) {
@@ -320,11 +312,7 @@ async fn a_forged_park_count_is_ignored() {
         .outside
         .publish_with_headers(&stack.names.events(), "employee.terminated", &body, forged)
         .await;
-    let base = stack.worker.base.clone();
-    eventually("the saga parked", Duration::from_secs(60), || async {
-        (metric(&metrics_text(&base).await, "offboard_sagas_parked_total ") >= 1.0).then_some(())
-    })
-    .await;
+    wait_parked(&stack.worker.base, "the saga parked").await;
     stack.sim_post("/_sim/faults", json!({})).await;
     let outcomes = stack.tap.wait(1, Duration::from_secs(60)).await;
     assert_eq!(
@@ -431,16 +419,7 @@ async fn faults_s3_that_stops_answering_parks_the_saga() {
     .await;
     s3.freeze();
     stack.terminate("E000001", json!({})).await;
-    let base = stack.worker.base.clone();
-    eventually(
-        "the saga parked while S3 is frozen",
-        Duration::from_secs(60),
-        || async {
-            (metric(&metrics_text(&base).await, "offboard_sagas_parked_total ") >= 1.0)
-                .then_some(())
-        },
-    )
-    .await;
+    wait_parked(&stack.worker.base, "the saga parked while S3 is frozen").await;
     s3.thaw();
     let outcomes = stack.tap.wait(1, Duration::from_secs(90)).await;
     assert_eq!(
@@ -584,11 +563,7 @@ async fn delay_queues_are_quorum_and_classic_ones_are_migrated() {
         )
         .await;
     stack.terminate("E000002", json!({})).await;
-    let base = stack.worker.base.clone();
-    eventually("the saga parked", Duration::from_secs(60), || async {
-        (metric(&metrics_text(&base).await, "offboard_sagas_parked_total ") >= 1.0).then_some(())
-    })
-    .await;
+    wait_parked(&stack.worker.base, "the saga parked").await;
     stack.sim_post("/_sim/faults", json!({})).await;
     stack.tap.wait(2, Duration::from_secs(60)).await;
     let out = std::process::Command::new("rabbitmqctl")

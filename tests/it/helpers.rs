@@ -408,6 +408,37 @@ pub async fn metrics_text(base: &str) -> String {
         .expect("metrics text")
 }
 
+/// The value of one metric line (`name{labels} value`), 0 when absent.
+pub fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until the worker serving `base` has parked a saga (`what` names the wait).
+pub async fn wait_parked(base: &str, what: &str) {
+    eventually(what, Duration::from_secs(60), || async {
+        (metric(&metrics_text(base).await, "offboard_sagas_parked_total ") >= 1.0).then_some(())
+    })
+    .await;
+}
+
+/// Declares a topic exchange as the worker declares its own (durable).
+pub async fn declare_topic_exchange(ch: &lapin::Channel, name: &str) {
+    ch.exchange_declare(
+        name.into(),
+        lapin::ExchangeKind::Topic,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange");
+}
+
 impl Handler for Recorder {
     async fn handle(&self, message: Message, _ctx: Context) -> Settle {
         let id = message.event.id.as_str().to_owned();
@@ -494,18 +525,8 @@ impl OutcomeTap {
         use lapin::options::{BasicConsumeOptions, QueueBindOptions};
         let conn = connect().await.expect("broker");
         let ch = conn.create_channel().await.expect("channel");
-        // As the worker declares it: a tap may be bound before any worker runs.
-        ch.exchange_declare(
-            exchange.into(),
-            lapin::ExchangeKind::Topic,
-            lapin::options::ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("outcomes exchange");
+        // A tap may be bound before any worker has declared the exchange.
+        declare_topic_exchange(&ch, exchange).await;
         let q = ch
             .queue_declare(
                 "".into(),

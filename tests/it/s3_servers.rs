@@ -214,14 +214,7 @@ async fn a_saga_whose_journal_write_was_cut_off_on_s3s_fs_completes() {
         )
         .await;
     stack.terminate("E000001", json!({})).await;
-    let base = stack.worker.base.clone();
-    eventually("the saga parked", Duration::from_secs(60), || async {
-        let text = crate::helpers::metrics_text(&base).await;
-        text.lines()
-            .any(|l| l.starts_with("offboard_sagas_parked_total ") && !l.ends_with(" 0"))
-            .then_some(())
-    })
-    .await;
+    crate::helpers::wait_parked(&stack.worker.base, "the saga parked").await;
     let sagas = server.dir.path().join(stack.names.bucket()).join("sagas");
     let journal = std::fs::read_dir(&sagas)
         .expect("the journal directory")

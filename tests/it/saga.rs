@@ -198,20 +198,19 @@ async fn an_outage_parks_sagas_and_they_finish_when_cxone_recovers() {
         stack.terminate(&eid(n), json!({})).await;
     }
     // Every saga parked at least once during the outage ...
-    let parked = |text: String| -> u64 {
-        text.lines()
-            .find(|l| l.starts_with("offboard_sagas_parked_total "))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0)
-    };
     let base = stack.worker.base.clone();
     let n = crate::helpers::until(
         Duration::from_secs(60),
-        || async { parked(crate::helpers::metrics_text(&base).await) },
-        |n| *n >= 5,
+        || async {
+            crate::helpers::metric(
+                &crate::helpers::metrics_text(&base).await,
+                "offboard_sagas_parked_total ",
+            )
+        },
+        |n| *n >= 5.0,
     )
     .await;
-    assert!(n >= 5, "{n} parked");
+    assert!(n >= 5.0, "{n} parked");
     // ... and none finished.
     assert!(
         stack.tap.all().await.is_empty(),

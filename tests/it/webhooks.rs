@@ -413,17 +413,7 @@ async fn events_nobody_would_consume_are_503_not_202() {
     // The exchange exists, no queue is bound: an accepted event would be dropped.
     let conn = crate::helpers::connect().await.expect("broker");
     let ch = conn.create_channel().await.expect("channel");
-    ch.exchange_declare(
-        names.events().as_str().into(),
-        lapin::ExchangeKind::Topic,
-        lapin::options::ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .expect("exchange");
+    crate::helpers::declare_topic_exchange(&ch, &names.events()).await;
     let intake = intake(&names, &[]).await;
     let (ct, ce, body) = request("structured", &["E000001"]);
     let a = post(
