@@ -725,3 +725,31 @@ async fn errors_people_read_are_one_line() {
     assert_eq!(stderr.matches("Connection refused").count(), 1, "{stderr}");
     assert!(!stderr.contains("secret-pw"), "{stderr}");
 }
+
+/// A lease check on a broker node that keeps its connection open and answers nothing (frozen,
+/// partitioned) gives up within its bound and the next check starts on a new connection.
+/// It used to wait for the AMQP heartbeat (60 s or more), and every lease check of the
+/// process queued behind it.
+#[tokio::test]
+async fn a_lease_check_on_a_silent_broker_gives_up_and_the_next_one_reconnects() {
+    use cxone_offboard::broker::sessions::{ANSWER_WITHIN, BrokerSessions};
+    use cxone_offboard::saga::ports::Sessions;
+    let _shared = BROKER.read().await;
+    let relay = crate::helpers::Relay::start(0).await;
+    let names = Names::new();
+    let settings = names.settings(&[("OFFBOARD__AMQP__URL", relay.url().as_str())]);
+    let sessions = BrokerSessions::new(Arc::new(settings.amqp.clone()));
+    assert_eq!(sessions.alive("nobody").await, Ok(false), "a gone session");
+    relay.freeze();
+    // Well below the heartbeat's minute, well above the check's own bound.
+    let answer = tokio::time::timeout(ANSWER_WITHIN * 4, sessions.alive("nobody"))
+        .await
+        .expect("the check gives up by itself");
+    assert!(answer.is_err(), "a silent broker is no answer: {answer:?}");
+    relay.thaw();
+    assert_eq!(
+        sessions.alive("nobody").await,
+        Ok(false),
+        "answered again on a new connection"
+    );
+}

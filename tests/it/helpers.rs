@@ -811,3 +811,87 @@ pub async fn publish_leavers(names: &Names, n: usize) -> std::collections::BTree
     }
     ids
 }
+
+/// A TCP relay in front of the broker (127.0.0.1:5672) for one test's connections: it can be
+/// cut (the broker goes away) or frozen (connections stay open and nothing gets through, as
+/// with a frozen or partitioned node).
+pub struct Relay {
+    pub port: u16,
+    frozen: tokio::sync::watch::Sender<bool>,
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// Listens on `port` (0: any free port).
+    pub async fn start(port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("relay binds");
+        let port = listener.local_addr().expect("addr").port();
+        let (frozen, _) = tokio::sync::watch::channel(false);
+        let gate = frozen.clone();
+        let tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let t = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
+                    continue;
+                };
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                let mut t = t.lock().expect("lock");
+                t.push(tokio::spawn(pump(ri, wo, gate.subscribe())));
+                t.push(tokio::spawn(pump(ro, wi, gate.subscribe())));
+            }
+        });
+        Self {
+            port,
+            frozen,
+            tasks,
+            accept,
+        }
+    }
+
+    /// A broker URL through this relay.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Nothing gets through until [`Relay::thaw`]; the connections stay open.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+
+    /// Closes every connection and stops listening; returns the port.
+    pub fn cut(self) -> u16 {
+        self.accept.abort();
+        for t in self.tasks.lock().expect("lock").drain(..) {
+            t.abort();
+        }
+        self.port
+    }
+}
+
+/// Copies `from` to `to`, holding what it read while the relay is frozen.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+}

@@ -3,7 +3,6 @@
 //! `webhook-id`, an all-or-none batch, a broker that goes away, and a signed webhook that
 //! offboards a user through the worker and the simulator.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -321,56 +320,13 @@ async fn every_answer_of_the_contract_for_every_content_mode() {
     names.cleanup().await;
 }
 
-/// A TCP relay in front of the broker that the test can cut: the broker "stops" for this
-/// test's connections alone.
-struct Relay {
-    port: u16,
-    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start(port: u16) -> Self {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .expect("relay binds");
-        let port = listener.local_addr().expect("addr").port();
-        let tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let t = tasks.clone();
-        let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let conn = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5672").await
-                    {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                t.lock().expect("lock").push(conn);
-            }
-        });
-        Self {
-            port,
-            tasks,
-            accept,
-        }
-    }
-
-    fn cut(self) -> u16 {
-        self.accept.abort();
-        for t in self.tasks.lock().expect("lock").drain(..) {
-            t.abort();
-        }
-        self.port
-    }
-}
-
 #[tokio::test]
 async fn a_broker_that_goes_away_gets_503_and_nothing_is_published() {
     let _shared = BROKER.read().await;
     let names = Names::new();
     declare_topology(&names.settings(&[])).await;
-    let relay = Relay::start(0).await;
-    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", relay.port);
+    let relay = crate::helpers::Relay::start(0).await;
+    let url = relay.url();
     let intake = intake(&names, &[("OFFBOARD__AMQP__URL", url.as_str())]).await;
     let base = intake.base.as_str();
     let outside = Outside::new().await;
@@ -398,7 +354,7 @@ async fn a_broker_that_goes_away_gets_503_and_nothing_is_published() {
     );
 
     // The broker is back: the sender's retry of the same request is taken, once.
-    let _relay = Relay::start(port).await;
+    let _relay = crate::helpers::Relay::start(port).await;
     let back = post(base, "workday", &id, &ct, &ce, body, Sign::Good).await;
     assert_eq!(back.status, 202, "{}", back.text);
     assert_eq!(outside.queue_len(&names.requests()).await, 5);
