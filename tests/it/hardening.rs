@@ -740,16 +740,28 @@ async fn a_lease_check_on_a_silent_broker_gives_up_and_the_next_one_reconnects()
     let settings = names.settings(&[("OFFBOARD__AMQP__URL", relay.url().as_str())]);
     let sessions = BrokerSessions::new(Arc::new(settings.amqp.clone()));
     assert_eq!(sessions.alive("nobody").await, Ok(false), "a gone session");
+    let accepted = || relay.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(accepted(), 1);
     relay.freeze();
-    // Well below the heartbeat's minute, well above the check's own bound.
-    let answer = tokio::time::timeout(ANSWER_WITHIN * 4, sessions.alive("nobody"))
-        .await
-        .expect("the check gives up by itself");
-    assert!(answer.is_err(), "a silent broker is no answer: {answer:?}");
+    // Two checks at once: the one asking and the one queued behind it both give up, well
+    // below the heartbeat's minute and well above the check's own bound.
+    let (first, second) = tokio::time::timeout(
+        ANSWER_WITHIN * 4,
+        futures_util::future::join(sessions.alive("nobody"), sessions.alive("other")),
+    )
+    .await
+    .expect("the checks give up by themselves");
+    assert!(first.is_err(), "a silent broker is no answer: {first:?}");
+    assert!(second.is_err(), "nor for the check behind it: {second:?}");
     relay.thaw();
     assert_eq!(
         sessions.alive("nobody").await,
         Ok(false),
-        "answered again on a new connection"
+        "answered again once the broker speaks"
+    );
+    // (The check queued behind may have tried a connection of its own while frozen.)
+    assert!(
+        accepted() >= 2,
+        "on a new connection, not the one that fell silent"
     );
 }

@@ -817,6 +817,8 @@ pub async fn publish_leavers(names: &Names, n: usize) -> std::collections::BTree
 /// with a frozen or partitioned node).
 pub struct Relay {
     pub port: u16,
+    /// Connections accepted so far.
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
     frozen: tokio::sync::watch::Sender<bool>,
     tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     accept: tokio::task::JoinHandle<()>,
@@ -833,8 +835,11 @@ impl Relay {
         let gate = frozen.clone();
         let tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
         let t = tasks.clone();
+        let accepted: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let count = accepted.clone();
         let accept = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let Ok(outbound) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
                     continue;
                 };
@@ -847,6 +852,7 @@ impl Relay {
         });
         Self {
             port,
+            accepted,
             frozen,
             tasks,
             accept,

@@ -117,6 +117,16 @@ fn completed_sagas(outcomes: &[Value]) -> BTreeSet<String> {
         .collect()
 }
 
+/// Sets the simulator's faults (`{}` clears them).
+pub(crate) async fn set_faults(sim: &SimServer, faults: Value) {
+    reqwest::Client::new()
+        .post(format!("{}/_sim/faults", sim.base_url()))
+        .json(&faults)
+        .send()
+        .await
+        .expect("faults");
+}
+
 pub(crate) async fn sim_user(sim: &SimServer, id: &str) -> Value {
     reqwest::get(format!("{}/_sim/users/{id}", sim.base_url()))
         .await
@@ -148,12 +158,7 @@ pub(crate) async fn kill_9_during_a_run(extra: &[(&str, &str)]) {
     .await
     .expect("sim");
     // Slow CXone down a little so the kills land mid-saga.
-    reqwest::Client::new()
-        .post(format!("{}/_sim/faults", sim.base_url()))
-        .json(&json!({"latency_ms": 3}))
-        .send()
-        .await
-        .expect("faults");
+    set_faults(&sim, json!({"latency_ms": 3})).await;
     // The workers' logs, kept for a failed run.
     let log = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("kill9-{}.log", names.bucket()));
@@ -218,6 +223,8 @@ pub(crate) async fn kill_9_during_a_run(extra: &[(&str, &str)]) {
             );
         }
     }
+    // The logs are for a failed run.
+    let _ = std::fs::remove_file(&log);
     worker.kill9();
     sim.shutdown().await;
     names.cleanup().await;
@@ -238,12 +245,7 @@ async fn sigterm_under_load_drains_within_the_grace_and_loses_nothing() {
     )
     .await
     .expect("sim");
-    reqwest::Client::new()
-        .post(format!("{}/_sim/faults", sim.base_url()))
-        .json(&json!({"latency_ms": 40}))
-        .send()
-        .await
-        .expect("faults");
+    set_faults(&sim, json!({"latency_ms": 40})).await;
     let grace = 4;
     let extra = [("OFFBOARD__WORKER__SHUTDOWN_GRACE_SECS", "4")];
     let worker = WorkerProcess::start(&names, &sim, &extra);

@@ -299,12 +299,7 @@ async fn a_saga_crosses_the_hand_over_after_a_kill_9() {
     }
     first.kill9();
 
-    reqwest::Client::new()
-        .post(format!("{}/_sim/faults", sim.base_url()))
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("faults cleared");
+    crate::process::set_faults(&sim, json!({})).await;
     let second = WorkerProcess::start(&names, &sim, &[]);
     second.wait_ready().await;
     let outcomes = until(

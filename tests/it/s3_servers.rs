@@ -215,7 +215,17 @@ async fn a_saga_whose_journal_write_was_cut_off_on_s3s_fs_completes() {
         .await;
     stack.terminate("E000001", json!({})).await;
     crate::helpers::wait_parked(&stack.worker.base, "the saga parked").await;
-    let sagas = server.dir.path().join(stack.names.bucket()).join("sagas");
+    // The worker stops (its parked copy waits in a delay queue), so nothing rewrites the
+    // journal while it is changed.
+    let Stack {
+        names,
+        sim,
+        worker,
+        tap,
+        ..
+    } = stack;
+    worker.stop().await.expect("the worker stops");
+    let sagas = server.dir.path().join(names.bucket()).join("sagas");
     let journal = std::fs::read_dir(&sagas)
         .expect("the journal directory")
         .filter_map(Result::ok)
@@ -225,13 +235,23 @@ async fn a_saga_whose_journal_write_was_cut_off_on_s3s_fs_completes() {
     // The body changes, its stored checksum does not: what a write cut off by a kill leaves.
     let mut body = std::fs::read(&journal).expect("journal");
     body.push(b'\n');
-    std::fs::write(&journal, body).expect("rewrite");
-    stack.sim_post("/_sim/faults", json!({})).await;
-    let outcomes = stack.tap.wait(1, Duration::from_secs(60)).await;
+    let edited = server.dir.path().join("edited.tmp");
+    std::fs::write(&edited, body).expect("write");
+    std::fs::rename(&edited, &journal).expect("rename");
+    crate::process::set_faults(&sim, json!({})).await;
+    let worker = crate::process::WorkerProcess::start(
+        &names,
+        &sim,
+        &[("OFFBOARD__S3__ENDPOINT", &server.endpoint)],
+    );
+    worker.wait_ready().await;
+    let outcomes = tap.wait(1, Duration::from_secs(60)).await;
     assert_eq!(
         outcomes.first().map(|o| o["type"].clone()),
         Some(json!("offboard.saga.completed")),
         "{outcomes:#?}"
     );
-    stack.stop().await;
+    worker.kill9();
+    sim.shutdown().await;
+    names.cleanup().await;
 }
